@@ -1,0 +1,95 @@
+"""The backend interface, its request/result types and its error hierarchy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class BackendError(Exception):
+    """Base class for every error a backend call can raise."""
+
+    #: Whether retrying the same call later could succeed.
+    transient: bool = False
+
+
+class BackendUnavailable(BackendError):
+    """The server could not be reached (connection refused, reset, DNS)."""
+
+    transient = True
+
+
+class BackendBusy(BackendError):
+    """The server is over capacity (HTTP 503 / 429)."""
+
+    transient = True
+
+
+class BackendTimeout(BackendError):
+    """The server did not answer within the call's time limit."""
+
+    transient = True
+
+
+class BackendServerError(BackendError):
+    """The server failed with a 5xx other than 503."""
+
+    transient = True
+
+
+class ModelNotFound(BackendError):
+    """The server does not serve the requested model."""
+
+
+class BackendRejected(BackendError):
+    """The server refused the request as invalid (a 4xx other than 404/429)."""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat call: what to send and how long it may take in all."""
+
+    model: str
+    messages: tuple[ChatMessage, ...]
+    temperature: float | None = None
+    num_ctx: int | None = None
+    timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """A complete answer with the usage the server reported."""
+
+    output: str
+    model: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    duration_ms: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+#: Called with each piece of text as the model streams it.
+DeltaCallback = Callable[[str], None]
+
+
+class Backend(Protocol):
+    """An LLM server koubou can send chat requests to."""
+
+    name: str
+    kind: str  # "ollama" | "openai"
+    url: str
+
+    def list_models(self, timeout: float = 5.0) -> list[str]:
+        """Names of the models the server serves; raises BackendError when unreachable."""
+        ...
+
+    def chat(self, request: ChatRequest, on_delta: DeltaCallback | None = None) -> ChatResult:
+        """Run one chat completion; stream through `on_delta` when given."""
+        ...

@@ -1,0 +1,160 @@
+"""The one settings object: environment variables and `$KOUBOU_HOME/config/.env`."""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Annotated
+
+from dotenv import dotenv_values
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+HOME_SUBDIRS = ("config", "db", "logs/agents", "logs/workers", "logs/system", "redis", "run")
+OLLAMA_DEFAULT_HOST = "http://127.0.0.1:11434"
+
+
+class ConfigError(Exception):
+    """A setting has a bad value; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """koubou's configuration. Every field is read from the variable named in its alias."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, *_: object, **__: object
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings() merges the environment and the .env file itself, so that the
+        # file's location can depend on KOUBOU_HOME and tests can pass an environment.
+        return (init_settings,)
+
+    home: Path = Field(Path(".koubou"), validation_alias="KOUBOU_HOME")
+    broker_url: str | None = Field(None, validation_alias="KOUBOU_BROKER_URL")
+    result_backend_url: str | None = Field(None, validation_alias="KOUBOU_RESULT_BACKEND")
+    database_url_setting: str | None = Field(None, validation_alias="KOUBOU_DATABASE_URL")
+    api_host: str = Field("127.0.0.1", validation_alias="KOUBOU_API_HOST")
+    api_port: Port = Field(8765, validation_alias="KOUBOU_API_PORT")
+    api_threads: int = Field(128, ge=1, le=4096, validation_alias="KOUBOU_API_THREADS")
+    flower_port: Port = Field(5555, validation_alias="KOUBOU_FLOWER_PORT")
+    redis_port: Port = Field(6380, validation_alias="KOUBOU_REDIS_PORT")
+    ollama_host: str = Field(OLLAMA_DEFAULT_HOST, validation_alias="OLLAMA_HOST")
+    openai_api_base: str | None = Field(None, validation_alias="OPENAI_API_BASE")
+    openai_api_key: str | None = Field(None, validation_alias="OPENAI_API_KEY")
+    default_model: str = Field("gpt-oss:20b", min_length=1, validation_alias="KOUBOU_DEFAULT_MODEL")
+    worker_id: str | None = Field(None, validation_alias="WORKER_ID")
+    worker_autoscale: str = Field("4,1", validation_alias="KOUBOU_WORKER_AUTOSCALE")
+    max_task_time: int = Field(600, ge=1, le=86400, validation_alias="KOUBOU_MAX_TASK_TIME")
+    demo_model: bool = Field(True, validation_alias="KOUBOU_DEMO_MODEL")
+    demo_port: Port = Field(8766, validation_alias="KOUBOU_DEMO_PORT")
+
+    @field_validator("ollama_host")
+    @classmethod
+    def _ollama_url(cls, value: str) -> str:
+        # Ollama itself accepts a bare `host:port` in OLLAMA_HOST.
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        if "://" not in value:
+            value = f"http://{value}"
+        return value.rstrip("/")
+
+    @field_validator("openai_api_base")
+    @classmethod
+    def _openai_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not re.match(r"^https?://", value.strip()):
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:1234/v1")
+        return value.strip().rstrip("/")
+
+    @field_validator("broker_url", "result_backend_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not re.match(r"^(redis|rediss|valkey|valkeys)://", value.strip()):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        return value.strip()
+
+    @field_validator("worker_autoscale")
+    @classmethod
+    def _autoscale(cls, value: str) -> str:
+        match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", value)
+        if not match or int(match[1]) < int(match[2]) or int(match[1]) < 1:
+            raise ValueError("must be MAX,MIN with MAX >= MIN >= 0 and MAX >= 1, e.g. 4,1")
+        return f"{int(match[1])},{int(match[2])}"
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        """True when koubou must start its own broker (no KOUBOU_BROKER_URL)."""
+        return self.broker_url is None
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def result_backend(self) -> str:
+        return self.result_backend_url or self.broker
+
+    @property
+    def database_url(self) -> str:
+        return self.database_url_setting or f"sqlite:///{self.home_dir / 'db' / 'koubou.db'}"
+
+    @property
+    def ollama_configured(self) -> bool:
+        return "ollama_host" in self.model_fields_set
+
+    @property
+    def any_backend_configured(self) -> bool:
+        return self.ollama_configured or self.openai_api_base is not None
+
+    @property
+    def autoscale_bounds(self) -> tuple[int, int]:
+        high, low = self.worker_autoscale.split(",")
+        return int(high), int(low)
+
+    def ensure_home(self) -> Path:
+        """Create the seed's `$KOUBOU_HOME` layout (idempotent) and return its path."""
+        for sub in HOME_SUBDIRS:
+            (self.home_dir / sub).mkdir(parents=True, exist_ok=True)
+        return self.home_dir
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"]) or "?"
+        lines.append(f"{name}={item.get('input')!r}: {item['msg']}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from `environ` (default: the process environment) over the home's .env."""
+    env = dict(os.environ if environ is None else environ)
+    env_file = Path(env.get("KOUBOU_HOME") or ".koubou").expanduser() / "config" / ".env"
+    file_values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file.is_file() else {}
+    known = {field.validation_alias for field in Settings.model_fields.values()}
+    values = {key: value for key, value in {**file_values, **env}.items() if key in known}
+    try:
+        return Settings(**values)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
