@@ -36,3 +36,7 @@ class WorkerStatus(StrEnum):
 # koubou's own names, so another Celery app sharing a Redis never takes its messages.
 DELEGATE_TASK = "koubou.delegate"
 DEFAULT_QUEUE = "koubou.default"
+
+# Redis key the mirror refreshes while it runs; /health reads it.
+MIRROR_ALIVE_KEY = "koubou:mirror:alive"
+MIRROR_ALIVE_TTL = 15

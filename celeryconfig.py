@@ -1,0 +1,49 @@
+"""Celery settings for koubou, derived from koubou's one settings object (koubou.config)."""
+
+from kombu import Exchange, Queue
+
+from koubou.config import get_settings
+from koubou.constants import DEFAULT_QUEUE, DELEGATE_TASK
+
+_settings = get_settings()
+
+broker_url = _settings.broker
+result_backend = _settings.result_backend
+broker_connection_retry_on_startup = True
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# koubou's own queue, exchange and event/control names: another Celery app on a shared
+# Redis neither takes koubou's tasks nor floods its mirror with foreign events.
+task_default_queue = DEFAULT_QUEUE
+task_default_exchange = "koubou"
+task_default_routing_key = DEFAULT_QUEUE
+task_queues = (Queue(DEFAULT_QUEUE, Exchange("koubou", type="direct"), routing_key=DEFAULT_QUEUE),)
+task_routes = {DELEGATE_TASK: {"queue": DEFAULT_QUEUE}}
+event_exchange = "koubou.events"
+control_exchange = "koubou.control"
+
+# The mirror builds rows from these events; the result backend is the fallback it
+# reconciles against when events are lost (they are best effort).
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+result_extended = True
+result_expires = 7 * 24 * 3600
+
+# A task is acknowledged only after it ran, so a worker that dies mid-task loses nothing;
+# prefetch 1 keeps one slow task from holding others hostage on a busy worker.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+task_soft_time_limit = _settings.max_task_time
+task_time_limit = _settings.max_task_time + 30
+# Redis redelivers an unacknowledged message after this; it must exceed the longest task.
+broker_transport_options = {"visibility_timeout": _settings.max_task_time * 2 + 60}
+result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
+
+worker_hijack_root_logger = False
+worker_redirect_stdouts = False

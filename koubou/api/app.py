@@ -1,0 +1,302 @@
+"""Flask app factory: routes, one error handler, generated OpenAPI."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from celery import Celery
+from flask import Flask, Response, jsonify, request
+from pydantic import BaseModel, ValidationError
+from spectree import Response as SpecResponse
+from spectree import SpecTree
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.exceptions import HTTPException
+
+from .. import __version__
+from ..celery import app as celery_app
+from ..config import Settings, get_settings
+from ..constants import DEFAULT_QUEUE, DELEGATE_TASK, MIRROR_ALIVE_KEY, TaskStatus
+from ..db.models import TaskRow
+from ..db.session import make_engine, make_session_factory, utcnow
+from ..jobs import DelegationJob, new_task_id
+from ..results import BackendView, view_from_meta
+from ..routing import Router, build_backends
+from .schemas import (
+    BackendHealth,
+    ComponentHealth,
+    DelegateRequest,
+    DelegateResponse,
+    ErrorResponse,
+    HealthResponse,
+    TaskResult,
+    TaskStatusResponse,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Extra seconds Celery's hard limit allows past the task's own timeout.
+TIME_LIMIT_GRACE = 30
+
+
+class APIError(Exception):
+    """An error answered as `{"error", "detail"}` with an HTTP status."""
+
+    def __init__(self, status: int, error: str, detail: Any = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.detail = status, error, detail
+
+
+@dataclass
+class ApiContext:
+    settings: Settings
+    celery: Celery
+    sessions: sessionmaker[Session]
+    router: Router
+    redis: redis.Redis
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the API; one instance per gunicorn worker process."""
+    settings = settings or get_settings()
+    settings.ensure_home()
+    ctx = ApiContext(
+        settings=settings,
+        celery=celery_app,
+        sessions=make_session_factory(make_engine(settings.database_url)),
+        router=Router(build_backends(settings)),
+        redis=redis.Redis.from_url(settings.broker, socket_timeout=2, socket_connect_timeout=2),
+    )
+    app = Flask("koubou")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    spec = SpecTree("flask", title="koubou", version=__version__, path="apidoc", annotations=True)
+    _register_routes(app, spec, ctx)
+    _register_errors(app)
+    spec.register(app)
+    app.add_url_rule("/openapi.json", "openapi", lambda: jsonify(spec.spec))
+    return app
+
+
+def _parse(model: type[BaseModel]) -> Any:
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        raise APIError(400, "invalid request", "the body must be a JSON object")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as error:
+        if any(item["type"] == "json_invalid" for item in error.errors()):
+            raise APIError(400, "invalid JSON", error.errors()[0]["msg"]) from None
+        details = [
+            {"field": ".".join(str(p) for p in item["loc"]) or "(body)", "message": item["msg"]}
+            for item in error.errors(include_url=False)
+        ]
+        raise APIError(400, "invalid request", details) from None
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
+def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
+    error_responses = {"HTTP_400": ErrorResponse, "HTTP_404": ErrorResponse, "HTTP_503": ErrorResponse}
+
+    @app.post("/task/delegate")
+    @spec.validate(
+        json=DelegateRequest,
+        resp=SpecResponse(HTTP_200=DelegateResponse, HTTP_202=DelegateResponse, **error_responses),
+        skip_validation=True,
+    )
+    def delegate() -> tuple[Response, int]:
+        """Delegate a prompt to a local model; with `sync`, wait up to `options.timeout`."""
+        body: DelegateRequest = _parse(DelegateRequest)
+        task_id = _submit(ctx, body)
+        if not body.sync:
+            return jsonify(DelegateResponse(task_id=task_id, status="delegated").model_dump()), 202
+        view = _wait(ctx, task_id, body.options.timeout)
+        if view is None or not view.status.is_final:
+            return jsonify(DelegateResponse(task_id=task_id, status="in_progress").model_dump()), 202
+        answer = DelegateResponse(task_id=task_id, status=view.status.value, result=view.result)
+        return jsonify(answer.model_dump()), 200
+
+    @spec.validate(resp=SpecResponse(HTTP_200=TaskStatusResponse, HTTP_404=ErrorResponse), skip_validation=True)
+    def task_status(task_id: str) -> Response:
+        """A task's state, result and timestamps."""
+        return jsonify(_status(ctx, task_id).model_dump(mode="json"))
+
+    app.add_url_rule("/task/<task_id>/status", "task_status", task_status)
+    app.add_url_rule("/task/status/<task_id>", "task_status_alias", task_status)  # the original code's form
+
+    @app.get("/health")
+    @spec.validate(resp=SpecResponse(HTTP_200=HealthResponse, HTTP_503=HealthResponse), skip_validation=True)
+    def health() -> tuple[Response, int]:
+        """Broker, database and workers (required); mirror and LLM backends (reported)."""
+        report = _health(ctx)
+        return jsonify(report.model_dump()), 200 if report.status == "ok" else 503
+
+
+def _submit(ctx: ApiContext, body: DelegateRequest) -> str:
+    settings = ctx.settings
+    task_id = new_task_id()
+    timeout = min(body.options.timeout, float(settings.max_task_time))
+    job = DelegationJob(
+        task_id=task_id,
+        type=body.type,
+        prompt=body.prompt,
+        model=body.options.model or settings.default_model,
+        priority=body.priority,
+        timeout=timeout,
+        temperature=body.options.temperature,
+        num_ctx=body.options.num_ctx,
+    )
+    now = utcnow()
+    # The row exists before the message does, so the mirror never sees an unknown task.
+    with ctx.sessions.begin() as session:
+        session.add(
+            TaskRow(
+                task_id=task_id,
+                task_type=body.type.value,
+                status=TaskStatus.PENDING.value,
+                priority=body.priority,
+                content=job.model_dump(mode="json"),
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    try:
+        ctx.celery.send_task(
+            DELEGATE_TASK,
+            args=[job.model_dump(mode="json")],
+            task_id=task_id,
+            queue=DEFAULT_QUEUE,
+            soft_time_limit=timeout + 5,
+            time_limit=timeout + TIME_LIMIT_GRACE,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        )
+    except Exception as error:  # kombu/redis raise several unrelated types for "broker down"
+        log.exception("could not send %s to the broker", task_id)
+        with ctx.sessions.begin() as session:
+            row = session.get(TaskRow, task_id)
+            if row is not None:
+                row.status = TaskStatus.FAILED.value
+                row.result = {"success": False, "output": None, "error": f"broker unavailable: {error}"}
+                row.updated_at = utcnow()
+        raise APIError(503, "broker unavailable", f"the task was not queued: {error}") from None
+    return task_id
+
+
+def _backend_view(ctx: ApiContext, task_id: str) -> BackendView | None:
+    try:
+        return view_from_meta(ctx.celery.backend.get_task_meta(task_id))
+    except Exception:  # the result backend being down must not break status reads
+        log.warning("result backend unavailable while reading %s", task_id, exc_info=True)
+        return None
+
+
+def _wait(ctx: ApiContext, task_id: str, timeout: float) -> BackendView | None:
+    """Poll the result backend until the task is final or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    view = None
+    while True:
+        view = _backend_view(ctx, task_id)
+        if view is not None and view.status.is_final:
+            return view
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return view
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 1.5, 0.2)
+
+
+def _status(ctx: ApiContext, task_id: str) -> TaskStatusResponse:
+    with ctx.sessions() as session:
+        row = session.get(TaskRow, task_id)
+    if row is None:
+        raise APIError(404, "task not found", f"no task with id {task_id!r}")
+    status, result, worker = TaskStatus(row.status), row.result, row.assigned_worker_type
+    if not status.is_final:
+        # The mirror may lag behind; the result backend is the source it catches up from.
+        view = _backend_view(ctx, task_id)
+        if view is not None and (view.status.is_final or status == TaskStatus.PENDING):
+            status, result, worker = view.status, view.result or result, view.worker or worker
+    return TaskStatusResponse(
+        task_id=row.task_id,
+        status=status,
+        type=row.task_type,
+        priority=row.priority,
+        result=TaskResult.model_validate(result) if result else None,
+        worker=worker,
+        created_at=_iso(row.created_at) or "",
+        updated_at=_iso(row.updated_at) or "",
+        started_at=_iso(row.started_at),
+        completed_at=_iso(row.completed_at),
+    )
+
+
+def _health(ctx: ApiContext) -> HealthResponse:
+    components: dict[str, ComponentHealth] = {}
+    try:
+        ctx.redis.ping()
+        components["broker"] = ComponentHealth(name="broker", ok=True, detail=_safe_url(ctx.settings.broker))
+        mirror_alive = bool(ctx.redis.exists(MIRROR_ALIVE_KEY))
+    except redis.RedisError as error:
+        components["broker"] = ComponentHealth(name="broker", ok=False, detail=str(error))
+        mirror_alive = False
+    try:
+        with ctx.sessions() as session:
+            session.execute(text("SELECT 1"))
+        components["database"] = ComponentHealth(name="database", ok=True)
+    except Exception as error:  # any driver error means the database is down for us
+        components["database"] = ComponentHealth(name="database", ok=False, detail=str(error))
+    workers: list[str] = []
+    if components["broker"].ok:
+        try:
+            replies = ctx.celery.control.ping(timeout=0.5) or []
+            workers = sorted(name for reply in replies for name in reply)
+        except Exception as error:  # a broker hiccup during the broadcast
+            log.warning("worker ping failed: %s", error)
+    components["workers"] = ComponentHealth(
+        name="workers", ok=bool(workers), detail=f"{len(workers)} answering" if workers else "no worker answered"
+    )
+    components["mirror"] = ComponentHealth(
+        name="mirror", ok=mirror_alive, detail=None if mirror_alive else "not running: rows lag; status reads the result backend"
+    )
+    backends = [
+        BackendHealth(name=s.name, kind=s.kind, url=s.url, reachable=s.reachable, models=list(s.models), error=s.error)
+        for s in ctx.router.states(timeout=1.0)
+    ]
+    required = ("broker", "database", "workers")
+    ok = all(components[name].ok for name in required)
+    return HealthResponse(status="ok" if ok else "degraded", components=components, backends=backends, workers=workers)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(APIError)
+    def _api_error(error: APIError) -> tuple[Response, int]:
+        return jsonify(ErrorResponse(error=error.error, detail=error.detail).model_dump()), error.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> tuple[Response, int]:
+        status = error.code or 500
+        return jsonify(ErrorResponse(error=error.name.lower(), detail=error.description).model_dump()), status
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error")
+        return jsonify(ErrorResponse(error="internal error", detail=type(error).__name__).model_dump()), 500

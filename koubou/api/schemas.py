@@ -1,0 +1,107 @@
+"""Request and response models of the HTTP API; /openapi.json is generated from these."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..constants import TaskStatus, TaskType
+
+MAX_PROMPT_CHARS = 1_000_000
+
+
+class TaskOptions(BaseModel):
+    """Per-task options."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    timeout: float = Field(120.0, gt=0, description="Seconds the task may take; with sync, how long to wait.")
+    model: str | None = Field(None, min_length=1, max_length=200, description="Model name; default KOUBOU_DEFAULT_MODEL.")
+    temperature: float | None = Field(None, ge=0, le=2)
+    num_ctx: int | None = Field(None, ge=256, le=1_048_576, description="Context window (Ollama's num_ctx).")
+
+
+class DelegateRequest(BaseModel):
+    """`POST /task/delegate` body (the seed's shape)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: TaskType = TaskType.GENERAL
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    priority: int = Field(5, ge=1, le=10, description="1-10, 10 most urgent.")
+    sync: bool = False
+    files: list[str] = Field(default_factory=list, description="Not supported yet: must be empty.")
+    options: TaskOptions = Field(default_factory=TaskOptions)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _no_files_yet(cls, value: list[str]) -> list[str]:
+        # Reading files on the API host and shipping them with the task is not built
+        # yet; refusing is better than accepting them and silently ignoring them.
+        if value:
+            raise ValueError("files are not supported yet: send their content in the prompt")
+        return value
+
+
+class TaskResult(BaseModel):
+    """The seed's `result`, plus what produced it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    success: bool
+    output: str | None = None
+    error: str | None = None
+
+
+class DelegateResponse(BaseModel):
+    task_id: str
+    status: Literal["delegated", "in_progress", "completed", "failed", "cancelled"]
+    result: TaskResult | None = None
+
+
+class TaskStatusResponse(BaseModel):
+    task_id: str
+    status: TaskStatus
+    type: TaskType | str
+    priority: int
+    result: TaskResult | None = None
+    worker: str | None = None
+    created_at: str
+    updated_at: str
+    started_at: str | None = None
+    completed_at: str | None = None
+
+
+class ComponentHealth(BaseModel):
+    name: str
+    ok: bool
+    detail: str | None = None
+
+
+class BackendHealth(BaseModel):
+    name: str
+    kind: str
+    url: str
+    reachable: bool
+    models: list[str]
+    error: str | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded"]
+    components: dict[str, ComponentHealth]
+    backends: list[BackendHealth]
+    workers: list[str]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: Any = None

@@ -1,0 +1,164 @@
+"""The Ollama backend, spoken to through the official `ollama` client."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from functools import cache
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+import ollama
+import pydantic
+
+from koubou.backends.base import (
+    BackendBusy,
+    BackendError,
+    BackendRejected,
+    BackendServerError,
+    BackendTimeout,
+    BackendUnavailable,
+    ChatRequest,
+    ChatResult,
+    DeltaCallback,
+    ModelNotFound,
+)
+
+#: Seconds to wait for a TCP connection, however long the call may take in all.
+CONNECT_TIMEOUT = 10.0
+_STATS = ("done_reason", "total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
+T = TypeVar("T")
+
+
+@cache
+def _ssl_context() -> ssl.SSLContext:
+    # httpx builds a new context per client (~20 ms); we make a client per call.
+    return httpx.create_ssl_context()
+
+
+def _reason(exc: BaseException) -> str:
+    # ollama turns httpx.ConnectError into a generic ConnectionError "from None";
+    # the original, which says what went wrong, is still its __context__.
+    inner = exc.__cause__ or exc.__context__
+    if isinstance(exc, ConnectionError) and isinstance(inner, httpx.TransportError):
+        exc = inner
+    return str(exc) or type(exc).__name__
+
+
+class OllamaBackend:
+    """An Ollama server."""
+
+    kind = "ollama"
+
+    def __init__(self, url: str, name: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.name = name or f"{self.kind}@{urlsplit(self.url if '://' in self.url else f'http://{self.url}').netloc}"
+
+    def __repr__(self) -> str:
+        return f"OllamaBackend({self.url!r}, name={self.name!r})"
+
+    def list_models(self, timeout: float = 5.0) -> list[str]:
+        """Names of the models the server has pulled (`/api/tags`)."""
+        with self._client(timeout) as client, self._errors(None, timeout):
+            listing = client.list()
+        return [m.model for m in listing.models if m.model]
+
+    def chat(self, request: ChatRequest, on_delta: DeltaCallback | None = None) -> ChatResult:
+        """Run one chat completion; stream through `on_delta` when given."""
+        started = time.monotonic()
+        if not request.model:
+            raise BackendRejected(f"no model named for ollama at {self.url}")
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        options: dict[str, Any] = {}
+        if request.temperature is not None:
+            options["temperature"] = request.temperature
+        if request.num_ctx is not None:
+            options["num_ctx"] = request.num_ctx
+        with self._client(request.timeout) as client:
+            if on_delta is None:
+                with self._errors(request.model, request.timeout):
+                    final = client.chat(request.model, messages, options=options or None, stream=False)
+                output = final.message.content or ""
+            else:
+                with self._errors(request.model, request.timeout):
+                    stream = client.chat(request.model, messages, options=options or None, stream=True)
+                output, final = self._consume(stream, request, started + request.timeout, on_delta)
+        stats = {key: getattr(final, key) for key in _STATS if getattr(final, key) is not None}
+        return ChatResult(
+            output=output,
+            model=final.model or request.model,
+            prompt_tokens=final.prompt_eval_count,
+            completion_tokens=final.eval_count,
+            duration_ms=(time.monotonic() - started) * 1000,
+            extra=stats,
+        )
+
+    def _consume(
+        self, stream: Iterator[ollama.ChatResponse], request: ChatRequest, deadline: float, on_delta: DeltaCallback
+    ) -> tuple[str, ollama.ChatResponse]:
+        parts: list[str] = []
+        chunks = self._translated(stream, request.model, request.timeout)
+        try:
+            for chunk in chunks:
+                if text := chunk.message.content:
+                    parts.append(text)
+                    on_delta(text)
+                if chunk.done:
+                    return "".join(parts), chunk
+                if time.monotonic() > deadline:
+                    raise BackendTimeout(self._timeout_message(request.timeout))
+        finally:
+            chunks.close()
+        raise BackendServerError(f"ollama at {self.url} ended its answer stream before it was done")
+
+    def _translated(self, stream: Iterable[T], model: str, timeout: float) -> Iterator[T]:
+        # Only the stream's own errors get translated, not those of the caller's on_delta.
+        with self._errors(model, timeout):
+            try:
+                yield from stream
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+
+    def _client(self, timeout: float) -> ollama.Client:
+        # ollama's calls take no timeout, so each call gets a client made for its limit.
+        limits = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
+        return ollama.Client(host=self.url, timeout=limits, verify=_ssl_context())
+
+    @contextmanager
+    def _errors(self, model: str | None, timeout: float) -> Iterator[None]:
+        """Turn the ollama client's and httpx's errors into koubou's BackendError family."""
+        where = f"ollama at {self.url}"
+        try:
+            yield
+        except BackendError:
+            raise
+        except ollama.ResponseError as exc:
+            raise self._status_error(exc, model) from exc
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(self._timeout_message(timeout)) from exc
+        except (httpx.TransportError, ConnectionError) as exc:
+            raise BackendUnavailable(f"cannot reach {where}: {_reason(exc)}") from exc
+        except (json.JSONDecodeError, pydantic.ValidationError) as exc:
+            raise BackendServerError(f"{where} sent an answer that is not Ollama's API: {exc}") from exc
+
+    def _status_error(self, exc: ollama.ResponseError, model: str | None) -> BackendError:
+        where, status, detail = f"ollama at {self.url}", exc.status_code, exc.error
+        if status < 0:
+            # An {"error": ...} line in the middle of a streamed answer.
+            return BackendServerError(f"{where} failed while answering: {detail}")
+        if status == 404 and model is not None:
+            return ModelNotFound(f"model {model!r} not found on {where} ({detail})")
+        if status in (429, 503):
+            return BackendBusy(f"{where} is busy (HTTP {status}): {detail}")
+        if status >= 500:
+            return BackendServerError(f"{where} failed (HTTP {status}): {detail}")
+        return BackendRejected(f"{where} rejected the request (HTTP {status}): {detail}")
+
+    def _timeout_message(self, timeout: float) -> str:
+        return f"ollama at {self.url} timed out after {timeout:g}s"

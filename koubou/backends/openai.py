@@ -1,0 +1,175 @@
+"""The OpenAI-compatible backend (OpenAI, llama.cpp, vLLM, ...), through the official `openai` client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar, cast
+from urllib.parse import urlsplit
+
+import openai
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+
+from koubou.backends.base import (
+    BackendBusy,
+    BackendError,
+    BackendRejected,
+    BackendServerError,
+    BackendTimeout,
+    BackendUnavailable,
+    ChatRequest,
+    ChatResult,
+    DeltaCallback,
+    ModelNotFound,
+)
+
+#: Seconds to wait for a TCP connection, however long the call may take in all.
+CONNECT_TIMEOUT = 10.0
+T = TypeVar("T")
+
+
+def _timeout(seconds: float) -> openai.Timeout:
+    return openai.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT))
+
+
+def _detail(exc: openai.APIError) -> str:
+    # The SDK's own message is "Error code: 404 - ..."; the server's words read better.
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:300]
+    return exc.message
+
+
+def _reason(exc: openai.APIConnectionError) -> str:
+    # The SDK says only "Connection error."; the httpx error it wraps says why.
+    cause = exc.__cause__
+    if cause is None:
+        return exc.message
+    return str(cause) or type(cause).__name__
+
+
+class OpenAIBackend:
+    """A server speaking OpenAI's chat completions API."""
+
+    kind = "openai"
+
+    def __init__(self, url: str, name: str | None = None, api_key: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.name = name or f"{self.kind}@{urlsplit(self.url).netloc or self.url}"
+        # Local servers ignore the key, but the SDK refuses to run without one.
+        self._client = openai.OpenAI(
+            base_url=self.url, api_key=api_key or "not-needed", timeout=_timeout(120.0), max_retries=0
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend({self.url!r}, name={self.name!r})"
+
+    def list_models(self, timeout: float = 5.0) -> list[str]:
+        """Ids of the models the server serves (`/models`)."""
+        with self._errors(None, timeout):
+            page = self._client.models.list(timeout=_timeout(timeout))
+        return [model.id for model in page.data]
+
+    def chat(self, request: ChatRequest, on_delta: DeltaCallback | None = None) -> ChatResult:
+        """Run one chat completion; stream through `on_delta` when given."""
+        started = time.monotonic()
+        messages = cast(
+            list[ChatCompletionMessageParam], [{"role": m.role, "content": m.content} for m in request.messages]
+        )
+        temperature = openai.omit if request.temperature is None else request.temperature
+        extra: dict[str, object] = {}
+        if on_delta is None:
+            with self._errors(request.model, request.timeout):
+                completion = self._client.chat.completions.create(
+                    model=request.model, messages=messages, temperature=temperature, timeout=_timeout(request.timeout)
+                )
+            choice = completion.choices[0] if completion.choices else None
+            output = (choice.message.content if choice else None) or ""
+            model, usage = completion.model, completion.usage
+            extra["finish_reason"] = choice.finish_reason if choice else None
+            # llama.cpp's server adds its own timings; keep them.
+            if timings := (completion.model_extra or {}).get("timings"):
+                extra["timings"] = timings
+        else:
+            with self._errors(request.model, request.timeout):
+                stream = self._client.chat.completions.create(
+                    model=request.model,
+                    messages=messages,
+                    temperature=temperature,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    timeout=_timeout(request.timeout),
+                )
+            output, model, usage, extra["finish_reason"] = self._consume(stream, request, started, on_delta)
+        return ChatResult(
+            output=output,
+            model=model or request.model,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            duration_ms=(time.monotonic() - started) * 1000,
+            extra=extra,
+        )
+
+    def _consume(
+        self, stream: openai.Stream[ChatCompletionChunk], request: ChatRequest, started: float, on_delta: DeltaCallback
+    ) -> tuple[str, str, CompletionUsage | None, str | None]:
+        parts: list[str] = []
+        model, usage, finish = request.model, None, None
+        chunks = self._translated(stream, request.model, request.timeout)
+        try:
+            for chunk in chunks:
+                model = chunk.model or model
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    if choice.index != 0:
+                        continue
+                    if text := choice.delta.content:
+                        parts.append(text)
+                        on_delta(text)
+                    finish = choice.finish_reason or finish
+                # The read timeout only bounds each wait; this bounds the whole answer.
+                if finish is None and time.monotonic() - started > request.timeout:
+                    raise BackendTimeout(self._timeout_message(request.timeout))
+        finally:
+            chunks.close()
+        return "".join(parts), model, usage, finish
+
+    def _translated(self, stream: openai.Stream[T], model: str, timeout: float) -> Iterator[T]:
+        # Only the stream's own errors get translated, not those of the caller's on_delta.
+        with self._errors(model, timeout), stream:
+            yield from cast(Iterable[T], stream)
+
+    @contextmanager
+    def _errors(self, model: str | None, timeout: float) -> Iterator[None]:
+        """Turn the openai client's errors into koubou's BackendError family."""
+        where = f"openai-compatible server at {self.url}"
+        try:
+            yield
+        except BackendError:
+            raise
+        except openai.APITimeoutError as exc:  # before its base class APIConnectionError
+            raise BackendTimeout(self._timeout_message(timeout)) from exc
+        except openai.APIConnectionError as exc:
+            raise BackendUnavailable(f"cannot reach {where}: {_reason(exc)}") from exc
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc, model) from exc
+        except openai.APIError as exc:
+            # An error event in the middle of a stream, or an answer of the wrong shape.
+            raise BackendServerError(f"{where} failed while answering: {_detail(exc)}") from exc
+
+    def _status_error(self, exc: openai.APIStatusError, model: str | None) -> BackendError:
+        where, status, detail = f"openai-compatible server at {self.url}", exc.status_code, _detail(exc)
+        if status == 404 and model is not None:
+            return ModelNotFound(f"model {model!r} not found on {where} ({detail})")
+        if status in (429, 503):
+            return BackendBusy(f"{where} is busy (HTTP {status}): {detail}")
+        if status >= 500:
+            return BackendServerError(f"{where} failed (HTTP {status}): {detail}")
+        return BackendRejected(f"{where} rejected the request (HTTP {status}): {detail}")
+
+    def _timeout_message(self, timeout: float) -> str:
+        return f"openai-compatible server at {self.url} timed out after {timeout:g}s"

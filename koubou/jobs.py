@@ -1,0 +1,61 @@
+"""The task message a worker receives and the outcome it returns (typed, JSON on the wire)."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .constants import TaskType
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_task_id(now: datetime | None = None) -> str:
+    """The seed's readable id, `task_YYYYMMDD_HHMMSS_<12 random [A-Za-z0-9]>` (~71 bits: unique)."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d_%H%M%S")
+    return f"task_{stamp}_{''.join(secrets.choice(_ID_ALPHABET) for _ in range(12))}"
+
+
+class DelegationJob(BaseModel):
+    """Everything a worker needs to run one delegation; it never reads the database."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    task_id: str
+    type: TaskType = TaskType.GENERAL
+    prompt: str
+    model: str
+    priority: int = 5
+    timeout: float = 120.0
+    temperature: float | None = None
+    num_ctx: int | None = None
+
+
+class Outcome(BaseModel):
+    """What a delegation produced: the seed's `result` plus model, usage and timings."""
+
+    success: bool
+    output: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    model: str | None = None
+    backend: str | None = None
+    worker: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    duration_ms: float | None = None
+
+
+class DelegationFailed(Exception):
+    """Raised by the task so Celery (and Flower) record a failure; carries the outcome."""
+
+    def __init__(self, message: str, outcome: dict[str, object] | None = None) -> None:
+        super().__init__(message, outcome or {})
+        self.message = message
+        self.outcome = outcome or {}
+
+    def __str__(self) -> str:
+        return self.message

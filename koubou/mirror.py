@@ -1,0 +1,362 @@
+"""Celery events → `task_master` / `workers` rows, from one writer, with reconciliation.
+
+Events are best effort (a slow or reconnecting receiver misses some) and arrive out of
+order, so rows follow two rules: a final row never changes, and a non-final event only
+applies if it is newer than the last one applied. Every few seconds each non-final row is
+checked against the result backend, which has the truth for every finished task.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from celery import Celery
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from .constants import MIRROR_ALIVE_KEY, MIRROR_ALIVE_TTL, TaskStatus, WorkerStatus
+from .db.models import SystemLogRow, TaskRow, WorkerRow
+from .db.session import utcnow
+from .results import BackendView, view_from_meta
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+#: Task events and the status each implies (None: read it from the result backend).
+TASK_EVENT_STATUS: dict[str, TaskStatus | None] = {
+    "task-sent": TaskStatus.PENDING,
+    "task-received": TaskStatus.PENDING,
+    "task-retried": TaskStatus.PENDING,
+    "task-started": TaskStatus.IN_PROGRESS,
+    "task-succeeded": None,
+    "task-failed": None,
+    "task-revoked": TaskStatus.CANCELLED,
+}
+WORKER_EVENTS = frozenset({"worker-online", "worker-heartbeat", "worker-offline"})
+NON_FINAL = (TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value)
+
+
+def _when(timestamp: float | None) -> datetime:
+    if timestamp is None:
+        return utcnow()
+    return datetime.fromtimestamp(timestamp, UTC).replace(tzinfo=None)
+
+
+class Mirror:
+    """Receives events on a thread; applies them in batches on the caller's thread."""
+
+    def __init__(
+        self,
+        celery: Celery,
+        sessions: sessionmaker[Session],
+        redis_client: redis.Redis | None = None,
+        *,
+        flush_interval: float = 0.2,
+        batch_size: int = 500,
+        reconcile_interval: float = 5.0,
+        offline_after: float = 10.0,
+    ) -> None:
+        self.celery = celery
+        self.sessions = sessions
+        self.redis = redis_client
+        self.flush_interval = flush_interval
+        self.batch_size = batch_size
+        self.reconcile_interval = reconcile_interval
+        self.offline_after = offline_after
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.stopping = threading.Event()
+        self._receiver: Any = None
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _receive_forever(self) -> None:
+        backoff = 0.5
+        while not self.stopping.is_set():
+            try:
+                with self.celery.connection_for_read() as connection:
+                    self._receiver = self.celery.events.Receiver(connection, handlers={"*": self.events.put})
+                    log.info("mirror: receiving events from %s", connection.as_uri())
+                    for _ in self._receiver.itercapture(limit=None, timeout=None, wakeup=True):
+                        backoff = 0.5
+                        if self.stopping.is_set():
+                            break
+            except Exception as error:  # broker restarts, network errors: reconnect with backoff
+                if self.stopping.is_set():
+                    break
+                log.warning("mirror: event stream lost (%s); reconnecting in %.1fs", error, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    # -- the writer loop -------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until stop(): reconcile first (rows left behind while down), then follow events."""
+        receiver = threading.Thread(target=self._receive_forever, name="mirror-receiver", daemon=True)
+        receiver.start()
+        next_reconcile = 0.0
+        while not self.stopping.is_set():
+            batch = self._drain()
+            if batch:
+                self.apply(batch)
+            if time.monotonic() >= next_reconcile:
+                self._guarded(self.reconcile)
+                self._guarded(self.mark_offline)
+                self._guarded(self._announce)
+                next_reconcile = time.monotonic() + self.reconcile_interval
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        receiver.join(timeout=5)
+        remaining = self._drain(block=False)
+        if remaining:
+            self.apply(remaining)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _guarded(self, step: Any) -> None:
+        try:
+            step()
+        except Exception:  # the database or broker being briefly away must not kill the mirror
+            log.exception("mirror: %s failed; retrying next round", getattr(step, "__name__", step))
+
+    def _drain(self, block: bool = True) -> list[Event]:
+        batch: list[Event] = []
+        try:
+            if block:
+                batch.append(self.events.get(timeout=self.flush_interval))
+            while len(batch) < self.batch_size:
+                batch.append(self.events.get_nowait())
+        except queue.Empty:
+            pass
+        return batch
+
+    def _announce(self) -> None:
+        if self.redis is not None:
+            self.redis.set(MIRROR_ALIVE_KEY, str(time.time()), ex=MIRROR_ALIVE_TTL)
+
+    # -- applying events -------------------------------------------------------------------
+
+    def apply(self, events: Iterable[Event]) -> None:
+        """Apply a batch of events in one transaction."""
+        events = list(events)
+        views = self._final_views(events)
+        for attempt in range(3):
+            try:
+                with self.sessions.begin() as session:
+                    touched: set[str] = set()
+                    for event in events:
+                        kind = event.get("type", "")
+                        if kind in TASK_EVENT_STATUS:
+                            worker = self._apply_task_event(session, event, views)
+                            if worker:
+                                touched.add(worker)
+                        elif kind in WORKER_EVENTS:
+                            self._apply_worker_event(session, event)
+                    self._recount(session, touched)
+                return
+            except Exception:
+                if attempt == 2:
+                    log.exception("mirror: dropping a batch of %d events (reconcile will catch up)", len(events))
+                    return
+                time.sleep(0.2 * (attempt + 1))
+
+    def _final_views(self, events: list[Event]) -> dict[str, BackendView]:
+        """Full results of finished tasks: event payloads are truncated reprs."""
+        views: dict[str, BackendView] = {}
+        for event in events:
+            if event.get("type") in ("task-succeeded", "task-failed") and event.get("uuid"):
+                view = self._backend_view(event["uuid"])
+                if view is not None:
+                    views[event["uuid"]] = view
+        return views
+
+    def _backend_view(self, task_id: str) -> BackendView | None:
+        try:
+            return view_from_meta(self.celery.backend.get_task_meta(task_id))
+        except Exception:  # result backend away: the event's own data is used instead
+            log.warning("mirror: cannot read the result of %s", task_id, exc_info=True)
+            return None
+
+    def _apply_task_event(self, session: Session, event: Event, views: dict[str, BackendView]) -> str | None:
+        task_id = event.get("uuid")
+        if not task_id:
+            return None
+        kind = event["type"]
+        stamp = float(event.get("timestamp") or time.time())
+        worker = event.get("hostname") if kind != "task-sent" else None
+        row = session.get(TaskRow, task_id)
+        if row is None:
+            row = self._adopt(session, task_id, event)
+        if TaskStatus(row.status).is_final:
+            return None
+        status = TASK_EVENT_STATUS[kind]
+        result: dict[str, Any] | None = None
+        if status is None:
+            view = views.get(task_id)
+            if view is not None and view.status.is_final:
+                status, result = view.status, view.result
+                worker = view.worker or worker
+            elif kind == "task-failed":
+                status = TaskStatus.FAILED
+                result = {"success": False, "output": None, "error": event.get("exception") or "failed"}
+            else:
+                return None  # succeeded, but the result is unreadable now: reconcile will finish it
+        elif row.last_event_at is not None and stamp < row.last_event_at:
+            return None  # an older event arriving late
+        self._set_status(row, status, result, worker, _when(stamp))
+        row.last_event_at = max(stamp, row.last_event_at or 0.0)
+        if worker:
+            self._ensure_worker(session, worker, busy=status == TaskStatus.IN_PROGRESS, stamp=stamp)
+        if status == TaskStatus.COMPLETED and worker and result and result.get("model"):
+            session.execute(update(WorkerRow).where(WorkerRow.worker_id == worker).values(model_name=result["model"]))
+        return worker
+
+    def _adopt(self, session: Session, task_id: str, event: Event) -> TaskRow:
+        """A task the API did not create (sent with the Celery API directly)."""
+        now = utcnow()
+        row = TaskRow(
+            task_id=task_id,
+            task_type="general",
+            status=TaskStatus.PENDING.value,
+            priority=5,
+            content={"name": event.get("name"), "args": event.get("args")},
+            created_at=_when(event.get("timestamp")),
+            updated_at=now,
+        )
+        session.add(row)
+        session.flush()
+        return row
+
+    @staticmethod
+    def _set_status(
+        row: TaskRow, status: TaskStatus, result: dict[str, Any] | None, worker: str | None, when: datetime
+    ) -> None:
+        row.status = status.value
+        row.updated_at = utcnow()
+        if worker:
+            row.assigned_worker_type = worker
+        if status == TaskStatus.IN_PROGRESS and row.started_at is None:
+            row.started_at = when
+        if status.is_final:
+            row.completed_at = when
+            row.result = result
+
+    def _ensure_worker(self, session: Session, worker_id: str, busy: bool, stamp: float) -> WorkerRow:
+        row = session.get(WorkerRow, worker_id)
+        if row is None:
+            row = WorkerRow(
+                worker_id=worker_id,
+                worker_type="celery",
+                status=WorkerStatus.IDLE.value,
+                tasks_completed=0,
+                tasks_failed=0,
+                hostname=worker_id.partition("@")[2] or worker_id,
+                active_tasks=0,
+                first_seen=_when(stamp),
+                last_heartbeat=_when(stamp),
+            )
+            session.add(row)
+            session.flush()
+        if busy:
+            row.status = WorkerStatus.BUSY.value
+        return row
+
+    def _apply_worker_event(self, session: Session, event: Event) -> None:
+        worker_id = event.get("hostname")
+        if not worker_id:
+            return
+        stamp = float(event.get("timestamp") or time.time())
+        row = self._ensure_worker(session, worker_id, busy=False, stamp=stamp)
+        if row.last_heartbeat is not None and _when(stamp) < row.last_heartbeat:
+            return
+        row.last_heartbeat = _when(stamp)
+        row.pid = event.get("pid") or row.pid
+        if event["type"] == "worker-offline":
+            row.status, row.active_tasks = WorkerStatus.OFFLINE.value, 0
+            return
+        active = int(event.get("active") or 0)
+        row.active_tasks = active
+        row.status = (WorkerStatus.BUSY if active else WorkerStatus.IDLE).value
+
+    @staticmethod
+    def _recount(session: Session, workers: set[str]) -> None:
+        """Derive each touched worker's counters from task_master, so lost events cannot skew them."""
+        for worker_id in workers:
+            counts = dict(
+                session.execute(
+                    select(TaskRow.status, func.count())
+                    .where(TaskRow.assigned_worker_type == worker_id)
+                    .where(TaskRow.status.in_((TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)))
+                    .group_by(TaskRow.status)
+                ).all()
+            )
+            session.execute(
+                update(WorkerRow)
+                .where(WorkerRow.worker_id == worker_id)
+                .values(
+                    tasks_completed=counts.get(TaskStatus.COMPLETED.value, 0),
+                    tasks_failed=counts.get(TaskStatus.FAILED.value, 0),
+                )
+            )
+
+    # -- reconciliation --------------------------------------------------------------------
+
+    def reconcile(self, limit: int = 1000) -> int:
+        """Bring non-final rows up to date from the result backend; return how many changed."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(TaskRow.task_id, TaskRow.status)
+                .where(TaskRow.status.in_(NON_FINAL))
+                .order_by(TaskRow.created_at)
+                .limit(limit)
+            ).all()
+        changes: list[tuple[str, BackendView]] = []
+        for task_id, status in rows:
+            view = self._backend_view(task_id)
+            if view is None:
+                continue
+            if view.status.is_final or (view.status == TaskStatus.IN_PROGRESS and status == TaskStatus.PENDING.value):
+                changes.append((task_id, view))
+        if not changes:
+            return 0
+        with self.sessions.begin() as session:
+            touched: set[str] = set()
+            for task_id, view in changes:
+                row = session.get(TaskRow, task_id)
+                if row is None or TaskStatus(row.status).is_final:
+                    continue
+                self._set_status(row, view.status, view.result, view.worker, utcnow())
+                if view.worker:
+                    self._ensure_worker(session, view.worker, busy=False, stamp=time.time())
+                    touched.add(view.worker)
+            self._recount(session, touched)
+            session.add(
+                SystemLogRow(
+                    timestamp=utcnow(),
+                    level="INFO",
+                    component="mirror",
+                    message=f"reconciled {len(changes)} task(s) from the result backend",
+                    details={"task_ids": [task_id for task_id, _ in changes][:100]},
+                )
+            )
+        log.info("mirror: reconciled %d task(s) from the result backend", len(changes))
+        return len(changes)
+
+    def mark_offline(self) -> None:
+        """Workers whose heartbeats stopped are offline."""
+        cutoff = utcnow() - timedelta(seconds=self.offline_after)
+        with self.sessions.begin() as session:
+            session.execute(
+                update(WorkerRow)
+                .where(WorkerRow.status != WorkerStatus.OFFLINE.value)
+                .where(WorkerRow.last_heartbeat < cutoff)
+                .values(status=WorkerStatus.OFFLINE.value, active_tasks=0)
+            )

@@ -1,0 +1,56 @@
+"""Reading a delegation's state from Celery's result backend (shared by the API and the mirror)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from celery import states
+
+from .constants import TaskStatus
+from .jobs import DelegationFailed
+
+
+@dataclass(frozen=True)
+class BackendView:
+    """A task's state as the result backend knows it."""
+
+    status: TaskStatus
+    result: dict[str, Any] | None
+    worker: str | None
+
+
+def failure_result(error: BaseException | Any) -> dict[str, Any]:
+    """The `result` JSON for a failed task, from the exception Celery stored."""
+    if isinstance(error, DelegationFailed) and error.outcome:
+        return dict(error.outcome)
+    if isinstance(error, BaseException):
+        text = str(error) or type(error).__name__
+        kind = type(error).__name__
+    else:
+        text, kind = str(error), "Error"
+    if kind in {"TimeLimitExceeded", "SoftTimeLimitExceeded"}:
+        text = f"timed out: {text}"
+    elif kind == "WorkerLostError":
+        text = f"worker lost: {text}"
+    return {"success": False, "output": None, "error": text, "error_type": kind}
+
+
+def view_from_meta(meta: dict[str, Any]) -> BackendView | None:
+    """Map Celery's stored meta to koubou's status; None when the backend knows nothing yet."""
+    state = meta.get("status")
+    worker = meta.get("worker")
+    if state == states.SUCCESS:
+        result = meta.get("result")
+        if not isinstance(result, dict):
+            result = {"success": True, "output": str(result), "error": None}
+        status = TaskStatus.COMPLETED if result.get("success", True) else TaskStatus.FAILED
+        return BackendView(status, result, worker or result.get("worker"))
+    if state == states.FAILURE:
+        result = failure_result(meta.get("result"))
+        return BackendView(TaskStatus.FAILED, result, worker or result.get("worker"))
+    if state == states.REVOKED:
+        return BackendView(TaskStatus.CANCELLED, {"success": False, "output": None, "error": "cancelled"}, worker)
+    if state in (states.STARTED, states.RETRY):
+        return BackendView(TaskStatus.IN_PROGRESS, None, worker)
+    return None

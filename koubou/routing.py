@@ -1,0 +1,95 @@
+"""Which backend serves a model: the configured backends, their model lists, the choice."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from .backends.base import Backend, BackendError, BackendUnavailable, ModelNotFound
+from .backends.ollama import OllamaBackend
+from .backends.openai import OpenAIBackend
+from .config import Settings
+
+MODELS_TTL = 10.0  # seconds a backend's model list is trusted
+UNREACHABLE_TTL = 2.0  # seconds an unreachable backend is not asked again
+
+
+@dataclass(frozen=True)
+class BackendState:
+    """What koubou last learned about one backend."""
+
+    name: str
+    kind: str
+    url: str
+    reachable: bool
+    models: tuple[str, ...]
+    error: str | None
+    checked_at: float
+
+
+def build_backends(settings: Settings) -> list[Backend]:
+    """The backends the settings describe: Ollama always, the OpenAI-compatible server when set."""
+    backends: list[Backend] = [OllamaBackend(settings.ollama_host)]
+    if settings.openai_api_base:
+        backends.append(OpenAIBackend(settings.openai_api_base, api_key=settings.openai_api_key))
+    return backends
+
+
+def model_matches(requested: str, served: str) -> bool:
+    """Ollama lists `llama3:latest` for a model asked for as `llama3`."""
+    return requested == served or (":" not in requested and served == f"{requested}:latest")
+
+
+class Router:
+    """Picks the backend for a model from cached model lists."""
+
+    def __init__(self, backends: list[Backend]) -> None:
+        self.backends = backends
+        self._states: dict[str, BackendState] = {}
+        self._lock = threading.Lock()
+
+    def state(self, backend: Backend, timeout: float = 3.0, refresh: bool = False) -> BackendState:
+        """The backend's state, asking it again when the cached answer is stale."""
+        with self._lock:
+            cached = self._states.get(backend.name)
+        now = time.monotonic()
+        if cached and not refresh:
+            ttl = MODELS_TTL if cached.reachable else UNREACHABLE_TTL
+            if now - cached.checked_at < ttl:
+                return cached
+        try:
+            models = tuple(backend.list_models(timeout=timeout))
+            state = BackendState(backend.name, backend.kind, backend.url, True, models, None, now)
+        except BackendError as error:
+            state = BackendState(backend.name, backend.kind, backend.url, False, (), str(error), now)
+        with self._lock:
+            self._states[backend.name] = state
+        return state
+
+    def states(self, timeout: float = 3.0) -> list[BackendState]:
+        return [self.state(backend, timeout) for backend in self.backends]
+
+    def pick(self, model: str) -> tuple[Backend, str]:
+        """The first backend listing `model`, and the model's name there.
+
+        Raises ModelNotFound when reachable backends do not serve it, BackendUnavailable
+        when no backend could be reached at all.
+        """
+        for refresh in (False, True):
+            states = [(backend, self.state(backend, refresh=refresh)) for backend in self.backends]
+            for backend, state in states:
+                for served in state.models:
+                    if model_matches(model, served):
+                        return backend, served
+        summary = "; ".join(_describe(state) for _, state in states)
+        if not any(state.reachable for _, state in states):
+            raise BackendUnavailable(f"no LLM backend is reachable ({summary})")
+        raise ModelNotFound(f"model {model!r} is not served by any backend ({summary})")
+
+
+def _describe(state: BackendState) -> str:
+    if not state.reachable:
+        return f"{state.kind} at {state.url}: unreachable: {state.error}"
+    shown = ", ".join(state.models[:10]) or "no models"
+    return f"{state.kind} at {state.url} serves {shown}"
