@@ -41,6 +41,7 @@ def serve(host: str, port: int) -> None:
     params.model_alias = {DEMO_MODEL_NAME}
     params.n_parallel = DEMO_SLOTS
     params.n_ctx = DEMO_SLOTS * DEMO_CTX_PER_SLOT
+    params.n_predict = 1024  # a tiny model can ramble; bound every answer
     params.hostnames = [host]
     params.port = port
     stop = threading.Event()

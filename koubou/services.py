@@ -248,22 +248,21 @@ class Supervisor:
         self.stopping.set()
 
     def stop_all(self) -> None:
-        """SIGTERM every child (last started first), then SIGKILL what is left after the grace period."""
+        """Stop children last-started first (the broker last), each SIGTERM then SIGKILL after a grace."""
         self.stopping.set()
-        running = [s for s in reversed(self.services) if s.process is not None and s.process.poll() is None]
-        for service in running:
-            assert service.process is not None
-            log.info("stopping %s (pid %d)", service.name, service.process.pid)
-            _kill_group(service.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for service in running:
-            assert service.process is not None
-            try:
-                service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", service.name, STOP_GRACE)
-            _kill_group(service.process.pid, signal.SIGKILL)
-            service.process.wait()
+        for service in reversed(self.services):
+            process = service.process
+            if process is None:
+                continue
+            if process.poll() is None:
+                log.info("stopping %s (pid %d)", service.name, process.pid)
+                _kill_group(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in %.0fs; killing it", service.name, STOP_GRACE)
+            _kill_group(process.pid, signal.SIGKILL)  # whatever is left of its group
+            process.wait()
 
 
 def _kill_group(pid: int, sig: int) -> None:

@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from koubou.config import ConfigError, load_settings
+
+
+def test_defaults_follow_the_seed(tmp_path: Path) -> None:
+    settings = load_settings({"KOUBOU_HOME": str(tmp_path)})
+    assert settings.api_host == "127.0.0.1" and settings.api_port == 8765
+    assert settings.flower_port == 5555
+    assert settings.broker == "redis://127.0.0.1:6380/0"
+    assert settings.uses_embedded_broker
+    assert settings.result_backend == settings.broker
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve()}/db/koubou.db"
+    assert settings.ollama_host == "http://127.0.0.1:11434"
+    assert settings.default_model == "gpt-oss:20b"
+    assert not settings.any_backend_configured
+
+
+def test_env_file_in_home_is_read_and_environment_wins(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / ".env").write_text("OLLAMA_HOST=gpu-box:11434\nKOUBOU_API_PORT=9000\n")
+    settings = load_settings({"KOUBOU_HOME": str(tmp_path), "KOUBOU_API_PORT": "9100"})
+    assert settings.ollama_host == "http://gpu-box:11434"
+    assert settings.ollama_configured
+    assert settings.api_port == 9100
+
+
+def test_broker_url_names_the_redis_to_use(tmp_path: Path) -> None:
+    settings = load_settings({"KOUBOU_HOME": str(tmp_path), "KOUBOU_BROKER_URL": "redis://10.0.0.5:6379/2"})
+    assert not settings.uses_embedded_broker
+    assert settings.broker == settings.result_backend == "redis://10.0.0.5:6379/2"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("KOUBOU_API_PORT", "http"),
+        ("KOUBOU_API_PORT", "70000"),
+        ("KOUBOU_BROKER_URL", "amqp://guest@localhost//"),
+        ("OPENAI_API_BASE", "localhost:1234"),
+        ("KOUBOU_WORKER_AUTOSCALE", "1,4"),
+        ("KOUBOU_MAX_TASK_TIME", "0"),
+    ],
+)
+def test_a_bad_value_fails_naming_the_variable(tmp_path: Path, name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"KOUBOU_HOME": str(tmp_path), name: value})
+    assert name in str(caught.value)
+
+
+def test_home_layout_is_created(tmp_path: Path) -> None:
+    home = load_settings({"KOUBOU_HOME": str(tmp_path / "h")}).ensure_home()
+    for sub in ("config", "db", "logs/agents", "logs/workers", "logs/system"):
+        assert (home / sub).is_dir()

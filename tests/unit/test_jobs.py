@@ -1,0 +1,16 @@
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+from koubou.jobs import new_task_id
+
+TASK_ID = re.compile(r"^task_\d{8}_\d{6}_[A-Za-z0-9]{12}$")
+
+
+def test_task_ids_keep_the_seed_form() -> None:
+    assert TASK_ID.match(new_task_id())
+
+
+def test_task_ids_are_unique_under_concurrency() -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ids = list(pool.map(lambda _: new_task_id(), range(20_000)))
+    assert len(set(ids)) == len(ids)

@@ -1,0 +1,185 @@
+"""The mirror's rules: state precedence, late events, derived counters, reconciliation."""
+
+import time
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from koubou.db.models import SystemLogRow, TaskRow, WorkerRow
+from koubou.db.session import make_engine, make_session_factory, utcnow
+from koubou.jobs import DelegationFailed
+from koubou.mirror import Mirror
+
+WORKER = "celery@box"
+
+
+class ResultStore:
+    """Stands in for Celery's result backend: `get_task_meta` over a dict."""
+
+    def __init__(self) -> None:
+        self.metas: dict[str, dict[str, Any]] = {}
+
+    def get_task_meta(self, task_id: str) -> dict[str, Any]:
+        return self.metas.get(task_id, {"status": "PENDING", "result": None})
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> sessionmaker[Session]:
+    return make_session_factory(make_engine(f"sqlite:///{tmp_path / 'k.db'}"))
+
+
+@pytest.fixture
+def store() -> ResultStore:
+    return ResultStore()
+
+
+@pytest.fixture
+def mirror(sessions: sessionmaker[Session], store: ResultStore) -> Mirror:
+    return Mirror(SimpleNamespace(backend=store), sessions)  # type: ignore[arg-type]
+
+
+def add_pending(sessions: sessionmaker[Session], task_id: str) -> None:
+    now = utcnow()
+    with sessions.begin() as session:
+        session.add(TaskRow(task_id=task_id, task_type="general", status="pending", priority=5, content={},
+                            created_at=now, updated_at=now))  # fmt: skip
+
+
+def row(sessions: sessionmaker[Session], task_id: str) -> TaskRow:
+    with sessions() as session:
+        found = session.get(TaskRow, task_id)
+        assert found is not None
+        return found
+
+
+def event(kind: str, task_id: str | None = None, ts: float | None = None, **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"type": kind, "hostname": WORKER, "timestamp": ts or time.time()}
+    if task_id:
+        base["uuid"] = task_id
+    return {**base, **fields}
+
+
+def succeeded(store: ResultStore, task_id: str, output: str) -> None:
+    store.metas[task_id] = {
+        "status": "SUCCESS",
+        "result": {"success": True, "output": output, "error": None, "model": "m:1b", "worker": WORKER},
+    }
+
+
+def test_events_move_a_task_through_its_states(mirror: Mirror, sessions, store) -> None:
+    add_pending(sessions, "t1")
+    t0 = time.time()
+    mirror.apply([event("task-received", "t1", t0)])
+    assert row(sessions, "t1").status == "pending"
+    mirror.apply([event("task-started", "t1", t0 + 1)])
+    assert row(sessions, "t1").status == "in_progress"
+    assert row(sessions, "t1").assigned_worker_type == WORKER
+    succeeded(store, "t1", "the full answer")
+    mirror.apply([event("task-succeeded", "t1", t0 + 2, result="'trunc...")])
+    final = row(sessions, "t1")
+    assert final.status == "completed"
+    assert final.result is not None and final.result["output"] == "the full answer"
+    assert final.started_at is not None and final.completed_at is not None
+
+
+def test_a_late_event_never_turns_a_final_row_back(mirror: Mirror, sessions, store) -> None:
+    add_pending(sessions, "t2")
+    t0 = time.time()
+    succeeded(store, "t2", "done")
+    # Delivered out of order: the finish first, then the older start and receipt.
+    mirror.apply([event("task-succeeded", "t2", t0 + 2), event("task-started", "t2", t0 + 1)])
+    mirror.apply([event("task-received", "t2", t0)])
+    assert row(sessions, "t2").status == "completed"
+
+
+def test_an_older_non_final_event_is_ignored(mirror: Mirror, sessions) -> None:
+    add_pending(sessions, "t3")
+    t0 = time.time()
+    mirror.apply([event("task-started", "t3", t0 + 1)])
+    mirror.apply([event("task-received", "t3", t0)])
+    assert row(sessions, "t3").status == "in_progress"
+    mirror.apply([event("task-retried", "t3", t0 + 2)])
+    assert row(sessions, "t3").status == "pending"
+
+
+def test_a_failure_keeps_the_outcome_the_task_raised(mirror: Mirror, sessions, store) -> None:
+    add_pending(sessions, "t4")
+    outcome = {"success": False, "output": None, "error": "model 'x' not found", "error_type": "ModelNotFound"}
+    store.metas["t4"] = {"status": "FAILURE", "result": DelegationFailed("model 'x' not found", outcome)}
+    mirror.apply([event("task-failed", "t4", exception="DelegationFailed(...)")])
+    final = row(sessions, "t4")
+    assert final.status == "failed"
+    assert final.result == outcome
+
+
+def test_a_success_whose_result_says_failure_is_failed(mirror: Mirror, sessions, store) -> None:
+    add_pending(sessions, "t5")
+    store.metas["t5"] = {"status": "SUCCESS", "result": {"success": False, "output": None, "error": "nope"}}
+    mirror.apply([event("task-succeeded", "t5")])
+    assert row(sessions, "t5").status == "failed"
+
+
+def test_worker_rows_follow_heartbeats_and_counters_are_derived(mirror: Mirror, sessions, store) -> None:
+    for task_id in ("a", "b", "c"):
+        add_pending(sessions, task_id)
+    mirror.apply([event("worker-online", active=0, pid=123)])
+    with sessions() as session:
+        worker = session.get(WorkerRow, WORKER)
+        assert worker is not None and worker.status == "idle" and worker.pid == 123
+    mirror.apply([event("worker-heartbeat", active=2)])
+    with sessions() as session:
+        assert session.get(WorkerRow, WORKER).status == "busy"  # type: ignore[union-attr]
+    succeeded(store, "a", "A")
+    succeeded(store, "b", "B")
+    store.metas["c"] = {"status": "FAILURE", "result": RuntimeError("boom")}
+    mirror.apply([event("task-succeeded", "a"), event("task-succeeded", "b"), event("task-failed", "c")])
+    # The same event twice (redelivery) must not count twice.
+    mirror.apply([event("task-succeeded", "a")])
+    mirror.apply([event("worker-heartbeat", active=0)])
+    with sessions() as session:
+        worker = session.get(WorkerRow, WORKER)
+        assert worker is not None
+        assert (worker.status, worker.tasks_completed, worker.tasks_failed) == ("idle", 2, 1)
+        assert worker.model_name == "m:1b"
+    mirror.apply([event("worker-offline")])
+    with sessions() as session:
+        assert session.get(WorkerRow, WORKER).status == "offline"  # type: ignore[union-attr]
+
+
+def test_silent_workers_go_offline(mirror: Mirror, sessions) -> None:
+    mirror.apply([event("worker-heartbeat", ts=time.time() - 60, active=0)])
+    mirror.mark_offline()
+    with sessions() as session:
+        assert session.get(WorkerRow, WORKER).status == "offline"  # type: ignore[union-attr]
+
+
+def test_reconcile_finishes_rows_whose_events_were_lost(mirror: Mirror, sessions, store) -> None:
+    for task_id in ("r1", "r2", "r3"):
+        add_pending(sessions, task_id)
+    succeeded(store, "r1", "one")
+    store.metas["r2"] = {"status": "STARTED", "result": None, "worker": WORKER}
+    assert mirror.reconcile() == 2
+    assert row(sessions, "r1").status == "completed" and row(sessions, "r1").result["output"] == "one"  # type: ignore[index]
+    assert row(sessions, "r2").status == "in_progress"
+    assert row(sessions, "r3").status == "pending"
+    with sessions() as session:
+        assert session.query(SystemLogRow).filter_by(component="mirror").count() == 1
+    assert mirror.reconcile() == 0
+
+
+def test_events_for_a_task_the_api_never_saw_create_its_row(mirror: Mirror, sessions) -> None:
+    mirror.apply([event("task-received", "foreign", name="koubou.delegate", args="({...},)")])
+    assert row(sessions, "foreign").status == "pending"
+    assert row(sessions, "foreign").created_at <= utcnow() + timedelta(seconds=1)
+
+
+def test_a_row_finished_by_reconcile_ignores_events_that_arrive_later(mirror: Mirror, sessions, store) -> None:
+    add_pending(sessions, "t6")
+    succeeded(store, "t6", "done")
+    assert mirror.reconcile() == 1
+    mirror.apply([event("task-received", "t6"), event("task-started", "t6"), event("task-retried", "t6")])
+    assert row(sessions, "t6").status == "completed"
