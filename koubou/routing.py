@@ -49,13 +49,15 @@ class Router:
         self._states: dict[str, BackendState] = {}
         self._lock = threading.Lock()
 
-    def state(self, backend: Backend, timeout: float = 3.0, refresh: bool = False) -> BackendState:
-        """The backend's state, asking it again when the cached answer is stale."""
+    def state(
+        self, backend: Backend, timeout: float = 3.0, refresh: bool = False, max_age: float = MODELS_TTL
+    ) -> BackendState:
+        """The backend's state, asking it again when the cached answer is older than allowed."""
         with self._lock:
             cached = self._states.get(backend.name)
         now = time.monotonic()
         if cached and not refresh:
-            ttl = MODELS_TTL if cached.reachable else UNREACHABLE_TTL
+            ttl = min(max_age, MODELS_TTL if cached.reachable else UNREACHABLE_TTL)
             if now - cached.checked_at < ttl:
                 return cached
         try:
@@ -67,14 +69,19 @@ class Router:
             self._states[backend.name] = state
         return state
 
-    def states(self, timeout: float = 3.0) -> list[BackendState]:
-        return [self.state(backend, timeout) for backend in self.backends]
+    def states(self, timeout: float = 3.0, max_age: float = MODELS_TTL) -> list[BackendState]:
+        return [self.state(backend, timeout, max_age=max_age) for backend in self.backends]
+
+    def forget(self, backend: Backend) -> None:
+        """Drop what is known of a backend (it just failed), so the next pick asks it again."""
+        with self._lock:
+            self._states.pop(backend.name, None)
 
     def pick(self, model: str) -> tuple[Backend, str]:
         """The first backend listing `model`, and the model's name there.
 
-        Raises ModelNotFound when reachable backends do not serve it, BackendUnavailable
-        when no backend could be reached at all.
+        Raises ModelNotFound when every backend answered and none serves the model, and
+        BackendUnavailable when a backend that might serve it could not be reached.
         """
         for refresh in (False, True):
             states = [(backend, self.state(backend, refresh=refresh)) for backend in self.backends]
@@ -85,6 +92,8 @@ class Router:
         summary = "; ".join(_describe(state) for _, state in states)
         if not any(state.reachable for _, state in states):
             raise BackendUnavailable(f"no LLM backend is reachable ({summary})")
+        if not all(state.reachable for _, state in states):
+            raise BackendUnavailable(f"model {model!r} is not served by a reachable backend ({summary})")
         raise ModelNotFound(f"model {model!r} is not served by any backend ({summary})")
 
 

@@ -8,7 +8,7 @@ from functools import lru_cache
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from .backends.base import BackendError, BackendTimeout, ChatMessage, ChatRequest
+from .backends.base import Backend, BackendError, BackendTimeout, BackendUnavailable, ChatMessage, ChatRequest
 from .celery import app
 from .config import get_settings
 from .constants import DELEGATE_TASK
@@ -27,10 +27,9 @@ def get_router() -> Router:
 def run_delegation(job: DelegationJob, router: Router, worker: str | None) -> Outcome:
     """Route the job to a backend and call it; raise DelegationFailed on any backend error."""
     started = time.monotonic()
-    backend_name: str | None = None
+    backend: Backend | None = None
     try:
         backend, model = router.pick(job.model)
-        backend_name = backend.name
         request = ChatRequest(
             model=model,
             messages=(ChatMessage("user", job.prompt),),
@@ -40,6 +39,8 @@ def run_delegation(job: DelegationJob, router: Router, worker: str | None) -> Ou
         )
         answer = backend.chat(request)
     except (BackendError, SoftTimeLimitExceeded) as error:
+        if isinstance(error, BackendUnavailable) and backend is not None:
+            router.forget(backend)
         if isinstance(error, SoftTimeLimitExceeded):
             error = BackendTimeout(f"timed out: the task passed its time limit of {job.timeout:g}s")
         failed = Outcome(
@@ -47,7 +48,7 @@ def run_delegation(job: DelegationJob, router: Router, worker: str | None) -> Ou
             error=str(error),
             error_type=type(error).__name__,
             model=job.model,
-            backend=backend_name,
+            backend=backend.name if backend else None,
             worker=worker,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
@@ -56,7 +57,7 @@ def run_delegation(job: DelegationJob, router: Router, worker: str | None) -> Ou
         success=True,
         output=answer.output,
         model=answer.model,
-        backend=backend_name,
+        backend=backend.name,
         worker=worker,
         prompt_tokens=answer.prompt_tokens,
         completion_tokens=answer.completion_tokens,

@@ -135,14 +135,13 @@ class System:
         except OSError:
             return ""
 
-    def child(self, word: str) -> int:
-        """PID of the direct child of `koubou up` whose command line has `word`."""
+    def child(self, word: str) -> int | None:
+        """PID of the live child of `koubou up` running `koubou <word>`, if there is one now."""
         assert self.process is not None
         for pid in descendants(self.process.pid):
-            line = cmdline(pid)
-            if f"-m koubou {word}" in line and _parent(pid) == self.process.pid:
+            if f"-m koubou {word}" in cmdline(pid) and _parent(pid) == self.process.pid and alive(pid):
                 return pid
-        raise LookupError(f"no {word} child of koubou up")
+        return None
 
     def stop(self, timeout: float = 60) -> set[int]:
         """SIGTERM `koubou up`; returns the PIDs below it that outlived it (should be none)."""

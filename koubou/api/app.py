@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Extra seconds Celery's hard limit allows past the task's own timeout.
 TIME_LIMIT_GRACE = 30
+#: Seconds a backend's reachability may be cached for /health.
+HEALTH_MAX_AGE = 2.0
 
 
 class APIError(Exception):
@@ -270,7 +272,7 @@ def _health(ctx: ApiContext) -> HealthResponse:
     )
     backends = [
         BackendHealth(name=s.name, kind=s.kind, url=s.url, reachable=s.reachable, models=list(s.models), error=s.error)
-        for s in ctx.router.states(timeout=1.0)
+        for s in ctx.router.states(timeout=1.0, max_age=HEALTH_MAX_AGE)
     ]
     required = ("broker", "database", "workers")
     ok = all(components[name].ok for name in required)

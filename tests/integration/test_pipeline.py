@@ -1,0 +1,209 @@
+"""The delegation pipeline end to end, driven over HTTP the way Claude Code drives it."""
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+
+from tests.fakes.llm_server import FakeLLMServer, fake_answer, fake_prompt_tokens
+from tests.harness import System, http
+from tests.integration.conftest import SLOW_MODEL
+
+
+def answer(model: str, prompt: str) -> str:
+    return fake_answer(model, [{"role": "user", "content": prompt}])
+
+
+def test_health_names_each_component_and_backend(system: System, ollama_fake: FakeLLMServer) -> None:
+    code, body = http("GET", f"{system.api}/health")
+    assert code == 200, body
+    assert body["status"] == "ok"
+    assert {name for name, part in body["components"].items() if part["ok"]} >= {"broker", "database", "workers"}
+    assert len(body["workers"]) == 1
+    backends = {backend["kind"]: backend for backend in body["backends"]}
+    assert backends["ollama"]["reachable"] and backends["ollama"]["url"] == ollama_fake.url
+    assert "fake-model:1b" in backends["ollama"]["models"]
+    assert backends["openai"]["models"] == [SLOW_MODEL]
+
+
+def test_sync_delegation_returns_the_answer_and_mirrors_the_row(system: System) -> None:
+    prompt = "sync delegation number one"
+    code, body = system.delegate(prompt=prompt, sync=True, options={"timeout": 30})
+    assert code == 200, body
+    assert body["status"] == "completed"
+    result = body["result"]
+    assert result["success"] is True and result["error"] is None
+    assert result["output"] == answer("fake-model:1b", prompt)
+    assert result["prompt_tokens"] == fake_prompt_tokens([{"role": "user", "content": prompt}])
+    assert result["backend"].startswith("ollama@")
+    code, status = system.status(body["task_id"])
+    assert code == 200 and status["status"] == "completed" and status["result"]["output"] == result["output"]
+    row = wait_row(system, body["task_id"])
+    assert row["task_type"] == "general" and row["priority"] == 5 and row["status"] == "completed"
+    assert '"output": "' + result["output"] in row["result"]
+    assert row["assigned_worker_type"] == result["worker"]
+    assert row["created_at"] <= row["started_at"] <= row["completed_at"] <= row["updated_at"]
+
+
+def test_status_alias_path_answers_the_same(system: System) -> None:
+    code, body = system.delegate(prompt="alias check", sync=True)
+    assert code == 200
+    first = http("GET", f"{system.api}/task/{body['task_id']}/status")
+    second = http("GET", f"{system.api}/task/status/{body['task_id']}")
+    assert first[0] == second[0] == 200
+    assert first[1]["result"] == second[1]["result"]
+
+
+def test_async_delegation_goes_through_every_state(system: System, openai_fake: FakeLLMServer) -> None:
+    openai_fake.set_latency(1.5)
+    try:
+        code, body = system.delegate(prompt="slow async task", options={"model": SLOW_MODEL, "timeout": 30})
+        assert code == 202 and body["status"] == "delegated" and body["result"] is None
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = system.status(body["task_id"])[1]
+            if not seen or seen[-1] != status["status"]:
+                seen.append(status["status"])
+            if status["status"] == "completed":
+                break
+            time.sleep(0.05)
+    finally:
+        openai_fake.set_latency(0)
+    assert seen[-1] == "completed" and "in_progress" in seen, seen
+    assert seen.index("in_progress") < seen.index("completed")
+    assert status["result"]["output"] == answer(SLOW_MODEL, "slow async task")
+    assert status["result"]["backend"].startswith("openai@")
+    assert status["started_at"] and status["completed_at"]
+
+
+def test_sync_that_outlasts_its_wait_answers_202_and_the_task_goes_on(
+    system: System, openai_fake: FakeLLMServer
+) -> None:
+    openai_fake.set_latency(3)
+    try:
+        # Fill both worker processes, so the next task has to wait in the queue.
+        blockers = [system.delegate(prompt=f"blocker {i}", options={"model": SLOW_MODEL})[1]["task_id"] for i in range(2)]
+        wait_until(lambda: all(system.status(t)[1]["status"] == "in_progress" for t in blockers), 20)
+        code, body = system.delegate(prompt="queued behind blockers", sync=True, options={"timeout": 1})
+        assert code == 202, body
+        assert body["status"] == "in_progress"
+    finally:
+        openai_fake.set_latency(0)
+    final = system.wait_final(body["task_id"], timeout=30)
+    assert final["status"] == "completed"
+    assert final["result"]["output"] == answer("fake-model:1b", "queued behind blockers")
+    for task_id in blockers:
+        assert system.wait_final(task_id)["status"] == "completed"
+
+
+def test_options_reach_the_backend_on_the_wire(system: System, ollama_fake: FakeLLMServer) -> None:
+    prompt = "options check"
+    code, body = system.delegate(prompt=prompt, sync=True, options={"temperature": 0.25, "num_ctx": 8192})
+    assert code == 200 and body["status"] == "completed"
+    sent = [json for _, path, json in ollama_fake.requests if path == "/api/chat" and json and
+            json["messages"][-1]["content"] == prompt]  # fmt: skip
+    assert sent and sent[-1]["options"] == {"temperature": 0.25, "num_ctx": 8192}
+
+
+def test_a_model_asked_without_tag_finds_ollamas_latest(system: System) -> None:
+    code, body = system.delegate(prompt="tagless", sync=True, options={"model": "llama3"})
+    assert body["status"] == "completed", body
+    assert body["result"]["model"] == "llama3:latest"
+
+
+def test_a_missing_model_fails_with_a_clear_error(system: System) -> None:
+    code, body = system.delegate(prompt="anything", sync=True, options={"model": "missing-model:70b"})
+    assert code == 200 and body["status"] == "failed"
+    assert body["result"]["success"] is False and body["result"]["output"] is None
+    assert "missing-model:70b" in body["result"]["error"]
+    assert "fake-model:1b" in body["result"]["error"]  # says what is available
+    assert wait_row(system, body["task_id"])["status"] == "failed"
+
+
+def test_a_backend_that_goes_down_fails_tasks_clearly_and_koubou_stays_healthy(
+    system: System, openai_fake: FakeLLMServer
+) -> None:
+    openai_fake.stop()
+    try:
+        code, body = system.delegate(prompt="to a dead server", sync=True, options={"model": SLOW_MODEL, "timeout": 20})
+        assert code == 200 and body["status"] == "failed", body
+        assert body["result"]["error_type"] == "BackendUnavailable"
+        assert openai_fake.url.split("//")[1] in body["result"]["error"]
+
+        def health_shows_it() -> bool:
+            code, health = http("GET", f"{system.api}/health")
+            assert code == 200, health
+            openai = next(b for b in health["backends"] if b["kind"] == "openai")
+            return openai["reachable"] is False and bool(openai["error"])
+
+        wait_until(health_shows_it, 10)
+    finally:
+        openai_fake.start()
+
+
+def test_a_burst_ends_with_every_row_final_and_right_even_when_the_mirror_died(system: System) -> None:
+    mirror = system.child("mirror")
+    assert mirror is not None
+    os.kill(mirror, signal.SIGKILL)  # events sent while it is down are lost for good
+    prompts = [f"burst task {i}" for i in range(40)]
+    models = ["fake-model:1b" if i % 4 else "missing:1b" for i in range(40)]
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        replies = list(pool.map(lambda pm: system.delegate(prompt=pm[0], options={"model": pm[1]}), zip(prompts, models)))
+    assert all(code == 202 for code, _ in replies)
+    ids = [body["task_id"] for _, body in replies]
+    for task_id in ids:
+        system.wait_final(task_id)
+    wait_until(lambda: system.child("mirror") not in (None, mirror), 30)
+    placeholders = ",".join("?" * len(ids))
+    wait_until(
+        lambda: len(system.sql(f"SELECT 1 FROM task_master WHERE task_id IN ({placeholders}) "
+                               "AND status IN ('completed','failed')", *ids)) == len(ids),  # fmt: skip
+        60,
+    )
+    rows = {row["task_id"]: row for row in system.sql(f"SELECT * FROM task_master WHERE task_id IN ({placeholders})", *ids)}
+    for task_id, prompt, model in zip(ids, prompts, models):
+        row = rows[task_id]
+        if model == "missing:1b":
+            assert row["status"] == "failed" and "missing:1b" in row["result"]
+        else:
+            assert row["status"] == "completed" and answer(model, prompt) in row["result"]
+        assert row["assigned_worker_type"]
+    assert "restarting mirror" in system.output()
+    assert system.sql("SELECT count(*) AS n FROM system_logs WHERE component='mirror'")[0]["n"] >= 1
+
+
+def test_worker_rows_reflect_the_worker(system: System) -> None:
+    workers = http("GET", f"{system.api}/health")[1]["workers"]
+    wait_until(lambda: system.sql("SELECT * FROM workers WHERE worker_id = ?", workers[0]), 20)
+
+    def settled() -> bool:
+        row = system.sql("SELECT * FROM workers WHERE worker_id = ?", workers[0])[0]
+        counts = system.sql(
+            "SELECT status, count(*) AS n FROM task_master WHERE assigned_worker_type = ? GROUP BY status", workers[0]
+        )
+        by_status = {c["status"]: c["n"] for c in counts}
+        return (row["tasks_completed"], row["tasks_failed"]) == (by_status.get("completed", 0), by_status.get("failed", 0))
+
+    wait_until(settled, 20)
+    row = system.sql("SELECT * FROM workers WHERE worker_id = ?", workers[0])[0]
+    assert row["status"] in ("idle", "busy")
+    assert row["tasks_completed"] > 0 and row["tasks_failed"] > 0
+    heartbeat = datetime.fromisoformat(row["last_heartbeat"])
+    assert datetime.utcnow() - heartbeat < timedelta(seconds=15)  # noqa: DTZ003 (stored as naive UTC)
+
+
+def wait_row(system: System, task_id: str) -> dict:
+    wait_until(lambda: system.sql("SELECT 1 FROM task_master WHERE task_id = ? AND status IN "
+                                  "('completed','failed','cancelled')", task_id), 20)  # fmt: skip
+    return dict(system.sql("SELECT * FROM task_master WHERE task_id = ?", task_id)[0])
+
+
+def wait_until(condition, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"condition not met within {timeout}s")
