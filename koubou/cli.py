@@ -105,15 +105,12 @@ def _detach(settings: Settings, pidfile: Path) -> int:
             [sys.executable, "-m", "koubou", "up"],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-    from .services import http_answers
-
-    url = f"http://127.0.0.1:{settings.api_port}/health"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if process.poll() is not None:
             print(f"koubou up failed; see {log_path}", file=sys.stderr)
             return 1
-        if http_answers(url) and "koubou is up" in log_path.read_text(errors="replace"):
+        if _running_pid(pidfile) == process.pid and "koubou is up" in log_path.read_text(errors="replace"):
             print(f"koubou is up in the background (pid {process.pid}); log: {log_path}; `koubou down` stops it.")
             return 0
         time.sleep(0.3)

@@ -203,12 +203,11 @@ def _parent(pid: int) -> int:
 def make_system(home: Path, **env: str) -> System:
     """A System on free ports with `home` as KOUBOU_HOME; `env` adds settings."""
     api_port, flower_port, redis_port, demo_port = free_port(), free_port(), free_port(), free_port()
-    full_env = clean_env(
-        KOUBOU_HOME=str(home),
-        KOUBOU_API_PORT=str(api_port),
-        KOUBOU_FLOWER_PORT=str(flower_port),
-        KOUBOU_REDIS_PORT=str(redis_port),
-        KOUBOU_DEMO_PORT=str(demo_port),
-        **env,
-    )
+    ports = {
+        "KOUBOU_API_PORT": str(api_port),
+        "KOUBOU_FLOWER_PORT": str(flower_port),
+        "KOUBOU_REDIS_PORT": str(redis_port),
+        "KOUBOU_DEMO_PORT": str(demo_port),
+    }
+    full_env = clean_env(KOUBOU_HOME=str(home), **{**ports, **env})
     return System(home=home, env=full_env, api_port=api_port, flower_port=flower_port, redis_port=redis_port)

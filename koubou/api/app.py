@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,15 +15,15 @@ from flask import Flask, Response, jsonify, request
 from pydantic import BaseModel, ValidationError
 from spectree import Response as SpecResponse
 from spectree import SpecTree
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__
 from ..celery import app as celery_app
 from ..config import Settings, get_settings
-from ..constants import DEFAULT_QUEUE, DELEGATE_TASK, MIRROR_ALIVE_KEY, TaskStatus
-from ..db.models import TaskRow
+from ..constants import DEFAULT_QUEUE, DELEGATE_TASK, MIRROR_ALIVE_KEY, TaskStatus, WorkerStatus
+from ..db.models import TaskRow, WorkerRow
 from ..db.session import make_engine, make_session_factory, utcnow
 from ..jobs import DelegationJob, new_task_id
 from ..results import BackendView, view_from_meta
@@ -45,6 +46,9 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 TIME_LIMIT_GRACE = 30
 #: Seconds a backend's reachability may be cached for /health.
 HEALTH_MAX_AGE = 2.0
+WORKER_PING_TIMEOUT = 1.0
+#: A heartbeat younger than this (Celery sends one every 2 s) counts as a live worker.
+WORKER_HEARTBEAT_FRESH = 10.0
 
 
 class APIError(Exception):
@@ -259,11 +263,8 @@ def _health(ctx: ApiContext) -> HealthResponse:
         components["database"] = ComponentHealth(name="database", ok=False, detail=str(error))
     workers: list[str] = []
     if components["broker"].ok:
-        try:
-            replies = ctx.celery.control.ping(timeout=0.5) or []
-            workers = sorted(name for reply in replies for name in reply)
-        except Exception as error:  # a broker hiccup during the broadcast
-            log.warning("worker ping failed: %s", error)
+        heartbeating = _heartbeating_workers(ctx)
+        workers = sorted(heartbeating | _answering_workers(ctx, expected=len(heartbeating)))
     components["workers"] = ComponentHealth(
         name="workers", ok=bool(workers), detail=f"{len(workers)} answering" if workers else "no worker answered"
     )
@@ -277,6 +278,31 @@ def _health(ctx: ApiContext) -> HealthResponse:
     required = ("broker", "database", "workers")
     ok = all(components[name].ok for name in required)
     return HealthResponse(status="ok" if ok else "degraded", components=components, backends=backends, workers=workers)
+
+
+def _answering_workers(ctx: ApiContext, expected: int) -> set[str]:
+    """Workers that answer a ping now; stops waiting once the `expected` number replied."""
+    try:
+        replies = ctx.celery.control.ping(timeout=WORKER_PING_TIMEOUT, limit=expected or None) or []
+        return {name for reply in replies for name in reply}
+    except Exception as error:  # a broker hiccup during the broadcast
+        log.warning("worker ping failed: %s", error)
+        return set()
+
+
+def _heartbeating_workers(ctx: ApiContext) -> set[str]:
+    """Workers whose heartbeats the mirror saw lately: a busy or just-started worker can miss a ping."""
+    cutoff = utcnow() - timedelta(seconds=WORKER_HEARTBEAT_FRESH)
+    try:
+        with ctx.sessions() as session:
+            rows = session.execute(
+                select(WorkerRow.worker_id)
+                .where(WorkerRow.status != WorkerStatus.OFFLINE.value)
+                .where(WorkerRow.last_heartbeat >= cutoff)
+            )
+            return {worker_id for (worker_id,) in rows}
+    except Exception:  # the database component reports this failure
+        return set()
 
 
 def _safe_url(url: str) -> str:
