@@ -56,7 +56,9 @@ class OllamaBackend:
 
     def __init__(self, url: str, name: str | None = None) -> None:
         self.url = url.rstrip("/")
-        self.name = name or f"{self.kind}@{urlsplit(self.url if '://' in self.url else f'http://{self.url}').netloc}"
+        # Ollama accepts a bare "host:port"; urlsplit needs a scheme to find the host.
+        netloc = urlsplit(self.url if "://" in self.url else f"http://{self.url}").netloc
+        self.name = name or f"{self.kind}@{netloc}"
 
     def __repr__(self) -> str:
         return f"OllamaBackend({self.url!r}, name={self.name!r})"

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import TypeVar, cast
 from urllib.parse import urlsplit
 
+import httpx2
 import openai
 from openai.types import CompletionUsage
-from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from koubou.backends.base import (
     BackendBusy,
@@ -28,10 +31,26 @@ from koubou.backends.base import (
 #: Seconds to wait for a TCP connection, however long the call may take in all.
 CONNECT_TIMEOUT = 10.0
 T = TypeVar("T")
+#: output, model, usage and extra of one answer.
+_Answer = tuple[str, str, CompletionUsage | None, dict[str, object]]
+
+
+@cache
+def _ssl_context() -> ssl.SSLContext:
+    # httpx builds a new context per client (~20 ms); we make a client per call.
+    return httpx2.create_ssl_context()
 
 
 def _timeout(seconds: float) -> openai.Timeout:
     return openai.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT))
+
+
+def _messages(request: ChatRequest) -> list[ChatCompletionMessageParam]:
+    return cast(list[ChatCompletionMessageParam], [{"role": m.role, "content": m.content} for m in request.messages])
+
+
+def _temperature(request: ChatRequest) -> float | openai.Omit:
+    return openai.omit if request.temperature is None else request.temperature
 
 
 def _detail(exc: openai.APIError) -> str:
@@ -61,50 +80,25 @@ class OpenAIBackend:
         self.url = url.rstrip("/")
         self.name = name or f"{self.kind}@{urlsplit(self.url).netloc or self.url}"
         # Local servers ignore the key, but the SDK refuses to run without one.
-        self._client = openai.OpenAI(
-            base_url=self.url, api_key=api_key or "not-needed", timeout=_timeout(120.0), max_retries=0
-        )
+        self._api_key = api_key or "not-needed"
 
     def __repr__(self) -> str:
         return f"OpenAIBackend({self.url!r}, name={self.name!r})"
 
     def list_models(self, timeout: float = 5.0) -> list[str]:
         """Ids of the models the server serves (`/models`)."""
-        with self._errors(None, timeout):
-            page = self._client.models.list(timeout=_timeout(timeout))
+        with self._client(timeout) as client, self._errors(None, timeout):
+            page = client.models.list()
         return [model.id for model in page.data]
 
     def chat(self, request: ChatRequest, on_delta: DeltaCallback | None = None) -> ChatResult:
         """Run one chat completion; stream through `on_delta` when given."""
         started = time.monotonic()
-        messages = cast(
-            list[ChatCompletionMessageParam], [{"role": m.role, "content": m.content} for m in request.messages]
-        )
-        temperature = openai.omit if request.temperature is None else request.temperature
-        extra: dict[str, object] = {}
-        if on_delta is None:
-            with self._errors(request.model, request.timeout):
-                completion = self._client.chat.completions.create(
-                    model=request.model, messages=messages, temperature=temperature, timeout=_timeout(request.timeout)
-                )
-            choice = completion.choices[0] if completion.choices else None
-            output = (choice.message.content if choice else None) or ""
-            model, usage = completion.model, completion.usage
-            extra["finish_reason"] = choice.finish_reason if choice else None
-            # llama.cpp's server adds its own timings; keep them.
-            if timings := (completion.model_extra or {}).get("timings"):
-                extra["timings"] = timings
-        else:
-            with self._errors(request.model, request.timeout):
-                stream = self._client.chat.completions.create(
-                    model=request.model,
-                    messages=messages,
-                    temperature=temperature,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    timeout=_timeout(request.timeout),
-                )
-            output, model, usage, extra["finish_reason"] = self._consume(stream, request, started, on_delta)
+        with self._client(request.timeout) as client:
+            if on_delta is None:
+                output, model, usage, extra = self._complete(client, request)
+            else:
+                output, model, usage, extra = self._stream(client, request, started, on_delta)
         return ChatResult(
             output=output,
             model=model or request.model,
@@ -114,9 +108,30 @@ class OpenAIBackend:
             extra=extra,
         )
 
-    def _consume(
-        self, stream: openai.Stream[ChatCompletionChunk], request: ChatRequest, started: float, on_delta: DeltaCallback
-    ) -> tuple[str, str, CompletionUsage | None, str | None]:
+    def _complete(self, client: openai.OpenAI, request: ChatRequest) -> _Answer:
+        with self._errors(request.model, request.timeout):
+            completion = client.chat.completions.create(
+                model=request.model, messages=_messages(request), temperature=_temperature(request)
+            )
+        choice = completion.choices[0] if completion.choices else None
+        extra: dict[str, object] = {"finish_reason": choice.finish_reason if choice else None}
+        # llama.cpp's server adds its own timings; keep them.
+        if timings := (completion.model_extra or {}).get("timings"):
+            extra["timings"] = timings
+        output = (choice.message.content if choice else None) or ""
+        return output, completion.model, completion.usage, extra
+
+    def _stream(
+        self, client: openai.OpenAI, request: ChatRequest, started: float, on_delta: DeltaCallback
+    ) -> _Answer:
+        with self._errors(request.model, request.timeout):
+            stream = client.chat.completions.create(
+                model=request.model,
+                messages=_messages(request),
+                temperature=_temperature(request),
+                stream=True,
+                stream_options={"include_usage": True},
+            )
         parts: list[str] = []
         model, usage, finish = request.model, None, None
         chunks = self._translated(stream, request.model, request.timeout)
@@ -136,7 +151,17 @@ class OpenAIBackend:
                     raise BackendTimeout(self._timeout_message(request.timeout))
         finally:
             chunks.close()
-        return "".join(parts), model, usage, finish
+        return "".join(parts), model, usage, {"finish_reason": finish}
+
+    def _client(self, timeout: float) -> openai.OpenAI:
+        # A client per call: no pooled sockets to leak, or to share across a worker's fork.
+        return openai.OpenAI(
+            base_url=self.url,
+            api_key=self._api_key,
+            timeout=_timeout(timeout),
+            max_retries=0,
+            http_client=openai.DefaultHttpxClient(verify=_ssl_context()),
+        )
 
     def _translated(self, stream: openai.Stream[T], model: str, timeout: float) -> Iterator[T]:
         # Only the stream's own errors get translated, not those of the caller's on_delta.
@@ -157,9 +182,10 @@ class OpenAIBackend:
             raise BackendUnavailable(f"cannot reach {where}: {_reason(exc)}") from exc
         except openai.APIStatusError as exc:
             raise self._status_error(exc, model) from exc
-        except openai.APIError as exc:
+        except openai.OpenAIError as exc:
             # An error event in the middle of a stream, or an answer of the wrong shape.
-            raise BackendServerError(f"{where} failed while answering: {_detail(exc)}") from exc
+            detail = _detail(exc) if isinstance(exc, openai.APIError) else str(exc)
+            raise BackendServerError(f"{where} failed while answering: {detail}") from exc
 
     def _status_error(self, exc: openai.APIStatusError, model: str | None) -> BackendError:
         where, status, detail = f"openai-compatible server at {self.url}", exc.status_code, _detail(exc)
