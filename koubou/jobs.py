@@ -32,6 +32,7 @@ class DelegationJob(BaseModel):
     timeout: float = 120.0
     temperature: float | None = None
     num_ctx: int | None = None
+    max_tokens: int | None = None
 
 
 class Outcome(BaseModel):

@@ -35,6 +35,7 @@ def run_delegation(job: DelegationJob, router: Router, worker: str | None) -> Ou
             messages=(ChatMessage("user", job.prompt),),
             temperature=job.temperature,
             num_ctx=job.num_ctx,
+            max_tokens=job.max_tokens,
             timeout=job.timeout,
         )
         answer = backend.chat(request)

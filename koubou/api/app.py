@@ -159,6 +159,7 @@ def _submit(ctx: ApiContext, body: DelegateRequest) -> str:
         timeout=timeout,
         temperature=body.options.temperature,
         num_ctx=body.options.num_ctx,
+        max_tokens=body.options.max_tokens,
     )
     now = utcnow()
     # The row exists before the message does, so the mirror never sees an unknown task.

@@ -20,6 +20,7 @@ class TaskOptions(BaseModel):
     model: str | None = Field(None, min_length=1, max_length=200, description="Model name; default KOUBOU_DEFAULT_MODEL.")
     temperature: float | None = Field(None, ge=0, le=2)
     num_ctx: int | None = Field(None, ge=256, le=1_048_576, description="Context window (Ollama's num_ctx).")
+    max_tokens: int | None = Field(None, ge=1, le=1_048_576, description="Longest answer, in tokens.")
 
 
 class DelegateRequest(BaseModel):

@@ -60,6 +60,7 @@ class ChatRequest:
     messages: tuple[ChatMessage, ...]
     temperature: float | None = None
     num_ctx: int | None = None
+    max_tokens: int | None = None
     timeout: float = 120.0
 
 

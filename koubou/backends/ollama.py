@@ -80,6 +80,8 @@ class OllamaBackend:
             options["temperature"] = request.temperature
         if request.num_ctx is not None:
             options["num_ctx"] = request.num_ctx
+        if request.max_tokens is not None:
+            options["num_predict"] = request.max_tokens
         with self._client(request.timeout) as client:
             if on_delta is None:
                 with self._errors(request.model, request.timeout):

@@ -53,6 +53,10 @@ def _temperature(request: ChatRequest) -> float | openai.Omit:
     return openai.omit if request.temperature is None else request.temperature
 
 
+def _max_tokens(request: ChatRequest) -> int | openai.Omit:
+    return openai.omit if request.max_tokens is None else request.max_tokens
+
+
 def _detail(exc: openai.APIError) -> str:
     # The SDK's own message is "Error code: 404 - ..."; the server's words read better.
     body = exc.body
@@ -111,7 +115,10 @@ class OpenAIBackend:
     def _complete(self, client: openai.OpenAI, request: ChatRequest) -> _Answer:
         with self._errors(request.model, request.timeout):
             completion = client.chat.completions.create(
-                model=request.model, messages=_messages(request), temperature=_temperature(request)
+                model=request.model,
+                messages=_messages(request),
+                temperature=_temperature(request),
+                max_tokens=_max_tokens(request),
             )
         choice = completion.choices[0] if completion.choices else None
         extra: dict[str, object] = {"finish_reason": choice.finish_reason if choice else None}
@@ -129,6 +136,7 @@ class OpenAIBackend:
                 model=request.model,
                 messages=_messages(request),
                 temperature=_temperature(request),
+                max_tokens=_max_tokens(request),
                 stream=True,
                 stream_options={"include_usage": True},
             )

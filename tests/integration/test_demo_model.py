@@ -40,7 +40,9 @@ def test_the_quick_start_answers_with_a_real_model(demo_system: System) -> None:
 
 def test_the_demo_model_gives_each_slot_8k_tokens_of_context(demo_system: System) -> None:
     # About 5k tokens of prompt: more than Codex's built-in prompt (~4.7k), which the code-tasks issue needs.
-    code, body = demo_system.delegate(prompt="sky " * 5000 + "\nReply with one word.", sync=True, options={"timeout": 180})
+    code, body = demo_system.delegate(
+        prompt="sky " * 5000 + "\nReply with one word.", sync=True, options={"timeout": 180, "max_tokens": 16}
+    )
     assert code == 200 and body["status"] == "completed", body
     assert 4700 < body["result"]["prompt_tokens"] < 8192
 

@@ -100,11 +100,11 @@ def test_sync_that_outlasts_its_wait_answers_202_and_the_task_goes_on(
 
 def test_options_reach_the_backend_on_the_wire(system: System, ollama_fake: FakeLLMServer) -> None:
     prompt = "options check"
-    code, body = system.delegate(prompt=prompt, sync=True, options={"temperature": 0.25, "num_ctx": 8192})
+    code, body = system.delegate(prompt=prompt, sync=True, options={"temperature": 0.25, "num_ctx": 8192, "max_tokens": 64})
     assert code == 200 and body["status"] == "completed"
     sent = [json for _, path, json in ollama_fake.requests if path == "/api/chat" and json and
             json["messages"][-1]["content"] == prompt]  # fmt: skip
-    assert sent and sent[-1]["options"] == {"temperature": 0.25, "num_ctx": 8192}
+    assert sent and sent[-1]["options"] == {"temperature": 0.25, "num_ctx": 8192, "num_predict": 64}
 
 
 def test_a_model_asked_without_tag_finds_ollamas_latest(system: System) -> None:

@@ -125,18 +125,18 @@ def test_non_streaming_is_not_streamed(backend: Backend, server: FakeLLMServer) 
 
 
 def test_options_are_sent(backend: Backend, server: FakeLLMServer) -> None:
-    backend.chat(ask(temperature=0.25, num_ctx=8192))
+    backend.chat(ask(temperature=0.25, num_ctx=8192, max_tokens=64))
     body = last_chat_body(server, backend)
     if backend.kind == "ollama":
-        assert body["options"] == {"temperature": 0.25, "num_ctx": 8192}
+        assert body["options"] == {"temperature": 0.25, "num_ctx": 8192, "num_predict": 64}
     else:
-        assert body["temperature"] == 0.25
+        assert body["temperature"] == 0.25 and body["max_tokens"] == 64
 
 
 def test_unset_options_are_not_sent(backend: Backend, server: FakeLLMServer) -> None:
     backend.chat(ask())
     body = last_chat_body(server, backend)
-    assert "options" not in body and "temperature" not in body
+    assert "options" not in body and "temperature" not in body and "max_tokens" not in body
 
 
 def test_missing_usage_gives_none_tokens(make_backend: Factory) -> None:
