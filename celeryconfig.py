@@ -43,7 +43,6 @@ task_soft_time_limit = _settings.max_task_time
 task_time_limit = _settings.max_task_time + 30
 # Redis redelivers an unacknowledged message after this; it must exceed the longest task.
 broker_transport_options = {"visibility_timeout": _settings.max_task_time * 2 + 60}
-result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 
 worker_hijack_root_logger = False
 worker_redirect_stdouts = False

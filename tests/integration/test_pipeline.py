@@ -2,12 +2,15 @@
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from tests.fakes.llm_server import FakeLLMServer, fake_answer, fake_prompt_tokens
-from tests.harness import System, http
+from tests.harness import System, clean_env, http
 from tests.integration.conftest import SLOW_MODEL
 
 
@@ -207,3 +210,40 @@ def wait_until(condition, timeout: float) -> None:  # type: ignore[no-untyped-de
             return
         time.sleep(0.1)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def test_an_extra_worker_with_only_the_broker_url_joins_the_cluster(
+    system: System, ollama_fake: FakeLLMServer, tmp_path: Path
+) -> None:
+    home = tmp_path / "extra-home"
+    env = clean_env(
+        KOUBOU_BROKER_URL=f"redis://127.0.0.1:{system.redis_port}/0",
+        OLLAMA_HOST=ollama_fake.url,
+        KOUBOU_HOME=str(home),
+        # A database it cannot open: a worker must never touch the database.
+        KOUBOU_DATABASE_URL="postgresql://nobody@192.0.2.1:1/none",
+    )
+    with open(tmp_path / "extra.log", "wb") as log:
+        extra = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "koubou", "worker", "-n", "extra@%h", "-c", "1"],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: any(w.startswith("extra@") for w in http("GET", f"{system.api}/health")[1]["workers"]), 60)
+        ollama_fake.set_latency(0.3)
+        try:
+            ids = [system.delegate(prompt=f"spread {i}")[1]["task_id"] for i in range(12)]
+            finals = [system.wait_final(task_id) for task_id in ids]
+        finally:
+            ollama_fake.set_latency(0)
+        assert all(final["status"] == "completed" for final in finals)
+        by_extra = [f["task_id"] for f in finals if (f["result"]["worker"] or "").startswith("extra@")]
+        assert by_extra, "the extra worker ran none of the tasks"
+        row = wait_row(system, by_extra[0])
+        assert row["assigned_worker_type"].startswith("extra@")
+        wait_until(lambda: system.sql("SELECT 1 FROM workers WHERE worker_id LIKE 'extra@%'"), 20)
+    finally:
+        os.killpg(extra.pid, signal.SIGTERM)
+        extra.wait(timeout=30)
+    assert not (home / "db" / "koubou.db").exists()
+    wait_until(lambda: system.sql("SELECT status FROM workers WHERE worker_id LIKE 'extra@%'")[0]["status"] == "offline", 30)
