@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 from spectree import Response as SpecResponse
 from spectree import SpecTree
@@ -28,6 +28,7 @@ from ..db.session import make_engine, make_session_factory, utcnow
 from ..jobs import DelegationJob, new_task_id
 from ..results import BackendView, view_from_meta
 from ..routing import Router, build_backends
+from . import auth
 from .schemas import (
     BackendHealth,
     ComponentHealth,
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask("koubou")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     spec = SpecTree("flask", title="koubou", version=__version__, path="apidoc", annotations=True)
+    auth.install(app, ctx.sessions, settings)
     _register_routes(app, spec, ctx)
     _register_errors(app)
     spec.register(app)
@@ -143,7 +145,10 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
     def health() -> tuple[Response, int]:
         """Broker, database and workers (required); mirror and LLM backends (reported)."""
         report = _health(ctx)
-        return jsonify(report.model_dump()), 200 if report.status == "ok" else 503
+        code = 200 if report.status == "ok" else 503
+        if not auth.full_health_allowed():
+            return jsonify({"status": report.status}), code  # liveness only for the unauthenticated
+        return jsonify(report.model_dump()), code
 
 
 def _submit(ctx: ApiContext, body: DelegateRequest) -> str:
@@ -171,6 +176,7 @@ def _submit(ctx: ApiContext, body: DelegateRequest) -> str:
                 status=TaskStatus.PENDING.value,
                 priority=body.priority,
                 content=job.model_dump(mode="json"),
+                agent_id=g.get("agent_id"),
                 created_at=now,
                 updated_at=now,
             )

@@ -31,6 +31,8 @@ class TaskRow(Base):
     # Beyond the seed:
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # The agent (API token owner) that delegated it, when auth is on.
+    agent_id: Mapped[str | None] = mapped_column(String(255), nullable=True, index=True)
     # Sender timestamp of the last event applied, so late events never move a row back.
     last_event_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
