@@ -216,6 +216,34 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from .agents import AgentExists, add_agent, list_agents, revoke_agent
+    from .db.session import make_engine, make_session_factory
+
+    settings.ensure_home()
+    sessions = make_session_factory(make_engine(settings.database_url))
+    if args.action == "add":
+        try:
+            token = add_agent(sessions, args.name)
+        except AgentExists as error:
+            print(f"koubou: {error}", file=sys.stderr)
+            return 1
+        print(f"agent {args.name!r} added. Its token (shown only this once):")
+        print(token)
+        return 0
+    if args.action == "revoke":
+        if not revoke_agent(sessions, args.name):
+            print(f"koubou: no active agent named {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"agent {args.name!r} revoked.")
+        return 0
+    for agent in list_agents(sessions):
+        seen = agent.last_seen.isoformat(timespec="seconds") if agent.last_seen else "never"
+        print(f"{agent.name}\t{agent.status}\tcreated {agent.created_at.isoformat(timespec='seconds')}\tlast seen {seen}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="koubou", description="Delegate LLM work to local models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -232,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker, passthrough=True)
     flower = sub.add_parser("flower", help="run Flower on KOUBOU_FLOWER_PORT (extra args go to celery flower)")
     flower.set_defaults(func=cmd_flower, passthrough=True)
+    agent = sub.add_parser("agent", help="manage API agents and their bearer tokens")
+    actions = agent.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("add", help="create an agent; prints its token once").add_argument("name")
+    actions.add_parser("list", help="list agents")
+    actions.add_parser("revoke", help="revoke an agent's token").add_argument("name")
+    agent.set_defaults(func=cmd_agent)
     demo = sub.add_parser("demo-model", help="serve the embedded demo model (llama.cpp + SmolLM2-135M)")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8766)
