@@ -40,3 +40,8 @@ DEFAULT_QUEUE = "koubou.default"
 # Redis key the mirror refreshes while it runs; /health reads it.
 MIRROR_ALIVE_KEY = "koubou:mirror:alive"
 MIRROR_ALIVE_TTL = 15
+
+
+def cancel_key(task_id: str) -> str:
+    """Redis key (in the result backend) set when a client cancels the task."""
+    return f"koubou:cancel:{task_id}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import string
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,6 +49,8 @@ class Outcome(BaseModel):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     duration_ms: float | None = None
+    #: Every backend call (and routing failure) in order, with its error when it failed.
+    attempts: list[dict[str, Any]] | None = None
 
 
 class DelegationFailed(Exception):

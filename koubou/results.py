@@ -10,6 +10,9 @@ from celery import states
 from .constants import TaskStatus
 from .jobs import DelegationFailed
 
+#: `error_type` of a delegation its client cancelled.
+CANCELLED = "Cancelled"
+
 
 @dataclass(frozen=True)
 class BackendView:
@@ -48,7 +51,8 @@ def view_from_meta(meta: dict[str, Any]) -> BackendView | None:
         return BackendView(status, result, worker or result.get("worker"))
     if state == states.FAILURE:
         result = failure_result(meta.get("result"))
-        return BackendView(TaskStatus.FAILED, result, worker or result.get("worker"))
+        status = TaskStatus.CANCELLED if result.get("error_type") == CANCELLED else TaskStatus.FAILED
+        return BackendView(status, result, worker or result.get("worker"))
     if state == states.REVOKED:
         return BackendView(TaskStatus.CANCELLED, {"success": False, "output": None, "error": "cancelled"}, worker)
     if state in (states.STARTED, states.RETRY):

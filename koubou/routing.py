@@ -77,18 +77,21 @@ class Router:
         with self._lock:
             self._states.pop(backend.name, None)
 
-    def pick(self, model: str) -> tuple[Backend, str]:
-        """The first backend listing `model`, and the model's name there.
+    def candidates(self, model: str) -> list[tuple[Backend, str]]:
+        """Every reachable backend listing `model` (in configured order), with the model's name there.
 
         Raises ModelNotFound when every backend answered and none serves the model, and
         BackendUnavailable when a backend that might serve it could not be reached.
         """
         for refresh in (False, True):
             states = [(backend, self.state(backend, refresh=refresh)) for backend in self.backends]
+            found = []
             for backend, state in states:
-                for served in state.models:
-                    if model_matches(model, served):
-                        return backend, served
+                served = next((name for name in state.models if model_matches(model, name)), None)
+                if served is not None:
+                    found.append((backend, served))
+            if found:
+                return found
         summary = "; ".join(_describe(state) for _, state in states)
         if not any(state.reachable for _, state in states):
             raise BackendUnavailable(f"no LLM backend is reachable ({summary})")

@@ -40,6 +40,7 @@ def system(
         KOUBOU_DEFAULT_MODEL="fake-model:1b",
         # Two worker processes, fixed, so tests can fill the pool on purpose.
         KOUBOU_WORKER_AUTOSCALE="2,2",
+        KOUBOU_RETRY_BASE_DELAY="0.2",
     ).start()
     try:
         yield running

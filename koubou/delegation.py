@@ -1,0 +1,210 @@
+"""Running one delegation: route, call, retry transient errors, fall back, honour cancel."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from .backends.base import (
+    Backend,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ChatMessage,
+    ChatRequest,
+    ChatResult,
+)
+from .jobs import DelegationFailed, DelegationJob, Outcome
+from .results import CANCELLED
+from .routing import Router
+
+#: Seconds between two looks at the cancel flag while tokens stream in.
+CANCEL_CHECK_INTERVAL = 0.25
+
+
+class Cancelled(Exception):
+    """The delegation was cancelled by its client."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Transient errors are retried with jittered exponential backoff, within bounds."""
+
+    max_retries: int = 3  # per backend, after the first call
+    window: float = 60.0  # seconds of retrying in all
+    base_delay: float = 1.0
+    max_delay: float = 15.0
+
+    def delay(self, retry: int) -> float:
+        """Full jitter: uniform in [0.5, 1] x base x 2^retry, capped."""
+        return min(self.max_delay, self.base_delay * 2**retry) * random.uniform(0.5, 1.0)
+
+
+@dataclass
+class Attempt:
+    backend: str | None
+    ok: bool
+    error_type: str | None = None
+    error: str | None = None
+    at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
+    duration_ms: float = 0.0
+
+
+class Delegation:
+    """One delegation's run: its attempts, its deadline and its cancel flag."""
+
+    def __init__(
+        self,
+        job: DelegationJob,
+        router: Router,
+        policy: RetryPolicy,
+        worker: str | None = None,
+        is_cancelled: Callable[[], bool] = lambda: False,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.job = job
+        self.router = router
+        self.policy = policy
+        self.worker = worker
+        self.is_cancelled = is_cancelled
+        self.sleep = sleep
+        self.attempts: list[Attempt] = []
+        self.started = time.monotonic()
+        self.deadline = self.started + job.timeout
+        self._last_cancel_check = 0.0
+
+    def run(self) -> Outcome:
+        """The outcome of a successful call; raises DelegationFailed otherwise."""
+        try:
+            self._check_cancel(force=True)
+            return self._run()
+        except Cancelled:
+            raise self._failure(CANCELLED, "cancelled by the client") from None
+        except SoftTimeLimitExceeded:
+            # SIGUSR1 from a cancel, or Celery's soft time limit: the flag tells which.
+            if self.is_cancelled():
+                raise self._failure(CANCELLED, "cancelled by the client") from None
+            raise self._failure("BackendTimeout", f"timed out: the task passed its limit of {self.job.timeout:g}s") from None
+
+    def _run(self) -> Outcome:
+        retries: dict[str, int] = {}
+        routing_retries = 0
+        exhausted: set[str] = set()
+        while True:
+            try:
+                candidates = [(b, m) for b, m in self.router.candidates(self.job.model) if b.name not in exhausted]
+            except BackendError as error:  # no backend serves it, or none is reachable
+                self._record(None, error, 0.0)
+                if not error.transient or not self._wait_before_retry(routing_retries):
+                    raise self._failure_from(error) from None
+                routing_retries += 1
+                continue
+            if not candidates:
+                raise self._failure_from(self._last_error()) from None
+            backend, model = candidates[0]
+            began = time.monotonic()
+            try:
+                answer = backend.chat(self._request(model), on_delta=self._on_delta)
+            except BackendError as error:
+                self._record(backend, error, began)
+                if isinstance(error, BackendUnavailable):
+                    self.router.forget(backend)
+                if not error.transient:
+                    raise self._failure_from(error) from None
+                done = retries.get(backend.name, 0)
+                if done >= self.policy.max_retries:
+                    exhausted.add(backend.name)  # fall back to the next backend serving the model
+                    continue
+                if not self._wait_before_retry(done):
+                    raise self._failure_from(error) from None
+                retries[backend.name] = done + 1
+                continue
+            self.attempts.append(Attempt(backend.name, True, duration_ms=_ms_since(began)))
+            return self._success(backend, answer)
+
+    def _request(self, model: str) -> ChatRequest:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise BackendTimeout(f"timed out: no time left of the task's {self.job.timeout:g}s")
+        return ChatRequest(
+            model=model,
+            messages=(ChatMessage("user", self.job.prompt),),
+            temperature=self.job.temperature,
+            num_ctx=self.job.num_ctx,
+            max_tokens=self.job.max_tokens,
+            timeout=remaining,
+        )
+
+    def _on_delta(self, _text: str) -> None:
+        self._check_cancel()
+
+    def _check_cancel(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_cancel_check >= CANCEL_CHECK_INTERVAL:
+            self._last_cancel_check = now
+            if self.is_cancelled():
+                raise Cancelled()
+
+    def _wait_before_retry(self, retry: int) -> bool:
+        """Sleep the backoff if the retry window and the deadline allow it; False when they do not."""
+        delay = self.policy.delay(retry)
+        now = time.monotonic()
+        if now + delay > min(self.started + self.policy.window, self.deadline) or retry >= self.policy.max_retries:
+            return False
+        end = now + delay
+        while time.monotonic() < end:  # in small steps, so a cancel is seen while waiting
+            self._check_cancel(force=True)
+            self.sleep(min(CANCEL_CHECK_INTERVAL, max(0.0, end - time.monotonic())))
+        return True
+
+    def _record(self, backend: Backend | None, error: BackendError, began: float) -> None:
+        self.attempts.append(
+            Attempt(backend.name if backend else None, False, type(error).__name__, str(error), duration_ms=_ms_since(began) if began else 0.0)
+        )
+
+    def _last_error(self) -> BackendError:
+        failed = [a for a in self.attempts if not a.ok]
+        return BackendError(failed[-1].error if failed else "no backend could take the task")
+
+    def _attempts_json(self) -> list[dict[str, Any]]:
+        return [vars(attempt) for attempt in self.attempts]
+
+    def _success(self, backend: Backend, answer: ChatResult) -> Outcome:
+        return Outcome(
+            success=True,
+            output=answer.output,
+            model=answer.model,
+            backend=backend.name,
+            worker=self.worker,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            duration_ms=_ms_since(self.started),
+            attempts=self._attempts_json(),
+        )
+
+    def _failure_from(self, error: BackendError) -> DelegationFailed:
+        return self._failure(type(error).__name__, str(error))
+
+    def _failure(self, error_type: str, message: str) -> DelegationFailed:
+        failed_backends = [a.backend for a in self.attempts if a.backend]
+        outcome = Outcome(
+            success=False,
+            error=message,
+            error_type=error_type,
+            model=self.job.model,
+            backend=failed_backends[-1] if failed_backends else None,
+            worker=self.worker,
+            duration_ms=_ms_since(self.started),
+            attempts=self._attempts_json(),
+        )
+        return DelegationFailed(message, outcome.model_dump())
+
+
+def _ms_since(began: float) -> float:
+    return round((time.monotonic() - began) * 1000, 1)

@@ -1,0 +1,113 @@
+"""Retries, fallback, permanent errors, deadlines and cancel, against real clients and the fake server."""
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from koubou.backends.ollama import OllamaBackend
+from koubou.backends.openai import OpenAIBackend
+from koubou.delegation import Delegation, RetryPolicy
+from koubou.jobs import DelegationFailed, DelegationJob
+from koubou.routing import Router
+from tests.fakes.llm_server import FakeLLMServer, fake_answer
+from tests.harness import free_port
+
+MODEL = "shared-model:1b"
+FAST = RetryPolicy(max_retries=2, window=10.0, base_delay=0.01, max_delay=0.05)
+
+
+@pytest.fixture
+def first() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer(models=(MODEL, "only-first:1b")) as server:
+        yield server
+
+
+@pytest.fixture
+def second() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer(models=(MODEL,)) as server:
+        yield server
+
+
+def job(prompt: str = "hello", model: str = MODEL, timeout: float = 10.0) -> DelegationJob:
+    return DelegationJob(task_id="t", prompt=prompt, model=model, timeout=timeout)
+
+
+def failure(run: Delegation) -> dict:
+    with pytest.raises(DelegationFailed) as caught:
+        run.run()
+    return caught.value.outcome
+
+
+def chats(server: FakeLLMServer) -> int:
+    return len(server.chat_requests())
+
+
+def test_transient_errors_are_retried_then_succeed(first: FakeLLMServer) -> None:
+    first.fail_next(503, count=2)
+    outcome = Delegation(job(), Router([OllamaBackend(first.url)]), FAST).run()
+    assert outcome.success and outcome.output == fake_answer(MODEL, [{"role": "user", "content": "hello"}])
+    assert [(a["ok"], a["error_type"]) for a in outcome.attempts] == [
+        (False, "BackendBusy"), (False, "BackendBusy"), (True, None)
+    ]  # fmt: skip
+    assert chats(first) == 3
+
+
+@pytest.mark.parametrize("status", [400, 422])
+def test_permanent_errors_fail_after_exactly_one_call(first: FakeLLMServer, second: FakeLLMServer, status: int) -> None:
+    first.fail_next(status)
+    router = Router([OllamaBackend(first.url), OpenAIBackend(f"{second.url}/v1")])
+    outcome = failure(Delegation(job(), router, FAST))
+    assert outcome["error_type"] == "BackendRejected"
+    assert chats(first) == 1 and chats(second) == 0
+
+
+def test_a_missing_model_fails_without_retrying(first: FakeLLMServer) -> None:
+    outcome = failure(Delegation(job(model="nope:1b"), Router([OllamaBackend(first.url)]), FAST))
+    assert outcome["error_type"] == "ModelNotFound" and chats(first) == 0
+    assert len(outcome["attempts"]) == 1
+
+
+def test_after_retries_it_falls_back_to_another_backend_serving_the_model(
+    first: FakeLLMServer, second: FakeLLMServer
+) -> None:
+    first.fail_next(500, count=100)
+    router = Router([OllamaBackend(first.url), OpenAIBackend(f"{second.url}/v1")])
+    outcome = Delegation(job(), router, FAST).run()
+    assert outcome.success and outcome.backend and outcome.backend.startswith("openai@")
+    assert chats(first) == 1 + FAST.max_retries and chats(second) == 1
+    assert [a["error_type"] for a in outcome.attempts[:-1]] == ["BackendServerError"] * 3
+
+
+def test_unreachable_everywhere_fails_within_the_retry_bounds() -> None:
+    router = Router([OllamaBackend(f"http://127.0.0.1:{free_port()}")])
+    began = time.monotonic()
+    outcome = failure(Delegation(job(), router, FAST))
+    assert outcome["error_type"] == "BackendUnavailable"
+    assert len(outcome["attempts"]) == 1 + FAST.max_retries
+    assert time.monotonic() - began < 5
+
+
+def test_the_deadline_bounds_a_slow_backend(first: FakeLLMServer) -> None:
+    first.set_latency(5)
+    began = time.monotonic()
+    outcome = failure(Delegation(job(timeout=1.0), Router([OllamaBackend(first.url)]), FAST))
+    assert "timed out" in outcome["error"]
+    assert time.monotonic() - began < 3
+
+
+def test_cancel_stops_a_streaming_call(first: FakeLLMServer) -> None:
+    first.set_latency(4)  # spread across the streamed pieces
+    flag = threading.Event()
+    threading.Timer(0.5, flag.set).start()
+    began = time.monotonic()
+    outcome = failure(Delegation(job(prompt="a b c d e f g h"), Router([OllamaBackend(first.url)]), FAST,
+                                 is_cancelled=flag.is_set))  # fmt: skip
+    assert outcome["error_type"] == "Cancelled"
+    assert time.monotonic() - began < 3
+
+
+def test_a_task_cancelled_before_it_starts_never_calls_a_backend(first: FakeLLMServer) -> None:
+    outcome = failure(Delegation(job(), Router([OllamaBackend(first.url)]), FAST, is_cancelled=lambda: True))
+    assert outcome["error_type"] == "Cancelled" and chats(first) == 0
