@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text
+from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -68,6 +68,21 @@ class AgentRow(Base):
     capabilities: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     last_seen: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # Beyond the seed: the API bearer token, as the sha256 hex of the token (never the token).
+    token_hash: Mapped[str | None] = mapped_column(String(128), nullable=True, unique=True, index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    __table_args__ = (
+        # One active agent per name (a revoked agent's name may be reused). Partial indexes
+        # exist on SQLite and PostgreSQL only; elsewhere `koubou agent add` checks it alone.
+        Index(
+            "ix_agents_active_name",
+            "name",
+            unique=True,
+            sqlite_where=text("status = 'active'"),
+            postgresql_where=text("status = 'active'"),
+        ).ddl_if(dialect=("sqlite", "postgresql")),
+    )
 
 
 class SystemLogRow(Base):
