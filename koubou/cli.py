@@ -155,6 +155,8 @@ def cmd_api(_: argparse.Namespace) -> int:
         "--timeout", "0",
         "--graceful-timeout", "5",
         "--access-logfile", "-",
+        # No %(u)s: gunicorn would decode a Basic-auth user name, and a client could put a token there.
+        "--access-logformat", '%(h)s %(l)s - %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"',
         "koubou.api.app:create_app()",
     ]  # fmt: skip
     run()

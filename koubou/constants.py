@@ -42,6 +42,11 @@ MIRROR_ALIVE_KEY = "koubou:mirror:alive"
 MIRROR_ALIVE_TTL = 15
 
 
+def idempotency_key(digest: str) -> str:
+    """Redis key holding the task id an Idempotency-Key (hashed with its agent) was first used for."""
+    return f"koubou:idempotency:{digest}"
+
+
 def cancel_key(task_id: str) -> str:
     """Redis key (in the result backend) set when a client cancels the task."""
     return f"koubou:cancel:{task_id}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -15,22 +16,23 @@ from flask import Flask, Response, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 from spectree import Response as SpecResponse
 from spectree import SpecTree
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__
 from ..celery import app as celery_app
 from ..config import Settings, get_settings
-from ..constants import DEFAULT_QUEUE, DELEGATE_TASK, MIRROR_ALIVE_KEY, TaskStatus, WorkerStatus
+from ..constants import DEFAULT_QUEUE, DELEGATE_TASK, MIRROR_ALIVE_KEY, TaskStatus, WorkerStatus, cancel_key, idempotency_key
 from ..db.models import TaskRow, WorkerRow
 from ..db.session import make_engine, make_session_factory, utcnow
 from ..jobs import DelegationJob, new_task_id
-from ..results import BackendView, view_from_meta
+from ..results import CANCELLED, BackendView, view_from_meta
 from ..routing import Router, build_backends
 from . import auth
 from .schemas import (
     BackendHealth,
+    CancelResponse,
     ComponentHealth,
     DelegateRequest,
     DelegateResponse,
@@ -48,6 +50,9 @@ TIME_LIMIT_GRACE = 30
 #: Seconds a backend's reachability may be cached for /health.
 HEALTH_MAX_AGE = 2.0
 WORKER_PING_TIMEOUT = 1.0
+#: Seconds DELETE /task/<id> waits for a running task to stop before answering 202.
+CANCEL_WAIT = 3.0
+IDEMPOTENCY_TTL = 24 * 3600
 #: A heartbeat younger than this (Celery sends one every 2 s) counts as a live worker.
 WORKER_HEARTBEAT_FRESH = 10.0
 
@@ -82,7 +87,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app = Flask("koubou")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    spec = SpecTree("flask", title="koubou", version=__version__, path="apidoc", annotations=True)
+    spec = SpecTree("flask", title="koubou", version=__version__, path="apidoc", annotations=True, **auth.OPENAPI_SECURITY)
     auth.install(app, ctx.sessions, settings)
     _register_routes(app, spec, ctx)
     _register_errors(app)
@@ -123,7 +128,7 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
     def delegate() -> tuple[Response, int]:
         """Delegate a prompt to a local model; with `sync`, wait up to `options.timeout`."""
         body: DelegateRequest = _parse(DelegateRequest)
-        task_id = _submit(ctx, body)
+        task_id = _submit_once(ctx, body, request.headers.get("Idempotency-Key"))
         if not body.sync:
             return jsonify(DelegateResponse(task_id=task_id, status="delegated").model_dump()), 202
         view = _wait(ctx, task_id, body.options.timeout)
@@ -131,6 +136,20 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
             return jsonify(DelegateResponse(task_id=task_id, status="in_progress").model_dump()), 202
         answer = DelegateResponse(task_id=task_id, status=view.status.value, result=view.result)
         return jsonify(answer.model_dump()), 200
+
+    @spec.validate(
+        resp=SpecResponse(HTTP_200=CancelResponse, HTTP_202=CancelResponse, HTTP_404=ErrorResponse, HTTP_409=ErrorResponse),
+        skip_validation=True,
+    )
+    def cancel(task_id: str) -> tuple[Response, int]:
+        """Cancel a queued or running task; 409 when it is already final."""
+        status = _cancel(ctx, task_id)
+        code = 200 if status.is_final else 202
+        shown = status.value if status.is_final else "cancelling"
+        return jsonify(CancelResponse(task_id=task_id, status=shown).model_dump()), code
+
+    app.add_url_rule("/task/<task_id>", "cancel", cancel, methods=["DELETE"])
+    app.add_url_rule("/task/<task_id>/cancel", "cancel_post", cancel, methods=["POST"])
 
     @spec.validate(resp=SpecResponse(HTTP_200=TaskStatusResponse, HTTP_404=ErrorResponse), skip_validation=True)
     def task_status(task_id: str) -> Response:
@@ -151,9 +170,28 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
         return jsonify(report.model_dump()), code
 
 
-def _submit(ctx: ApiContext, body: DelegateRequest) -> str:
-    settings = ctx.settings
+def _submit_once(ctx: ApiContext, body: DelegateRequest, client_key: str | None) -> str:
+    """Submit, unless the client's Idempotency-Key already names a task: then return that one."""
+    if client_key is None:
+        return _submit(ctx, body, new_task_id())
+    if not 0 < len(client_key) <= 255:
+        raise APIError(400, "invalid request", "Idempotency-Key must be 1 to 255 characters")
+    digest = hashlib.sha256(f"{g.get('agent_id') or ''}\0{client_key}".encode()).hexdigest()
+    key = idempotency_key(digest)
     task_id = new_task_id()
+    # SET NX makes the claim atomic: two racing requests with one key get one task.
+    if ctx.redis.set(key, task_id, nx=True, ex=IDEMPOTENCY_TTL):
+        try:
+            return _submit(ctx, body, task_id)
+        except Exception:
+            ctx.redis.delete(key)
+            raise
+    existing = ctx.redis.get(key)
+    return existing.decode() if existing else _submit(ctx, body, task_id)
+
+
+def _submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
+    settings = ctx.settings
     timeout = min(body.options.timeout, float(settings.max_task_time))
     job = DelegationJob(
         task_id=task_id,
@@ -212,6 +250,46 @@ def _backend_view(ctx: ApiContext, task_id: str) -> BackendView | None:
         return None
 
 
+def _effective_status(ctx: ApiContext, row: TaskRow) -> tuple[TaskStatus, BackendView | None]:
+    """The row's status, or the result backend's when the mirror has not caught up."""
+    status = TaskStatus(row.status)
+    if status.is_final:
+        return status, None
+    view = _backend_view(ctx, row.task_id)
+    if view is not None and (view.status.is_final or status == TaskStatus.PENDING):
+        return view.status, view
+    return status, None
+
+
+def _cancel(ctx: ApiContext, task_id: str) -> TaskStatus:
+    with ctx.sessions() as session:
+        row = session.get(TaskRow, task_id)
+    if row is None:
+        raise APIError(404, "task not found", f"no task with id {task_id!r}")
+    status, _ = _effective_status(ctx, row)
+    if status.is_final:
+        raise APIError(409, "task already final", {"task_id": task_id, "status": status.value})
+    # The flag stops the task wherever it is (queued, retrying, streaming); the revoke drops a
+    # queued message and SIGUSR1 interrupts a blocking backend call, which then reads the flag.
+    ctx.celery.backend.client.set(cancel_key(task_id), "1", ex=ctx.settings.max_task_time * 2 + 60)
+    ctx.celery.control.revoke(task_id, terminate=True, signal="SIGUSR1")
+    if status == TaskStatus.PENDING:
+        with ctx.sessions.begin() as session:
+            session.execute(
+                update(TaskRow)
+                .where(TaskRow.task_id == task_id, TaskRow.status == TaskStatus.PENDING.value)
+                .values(
+                    status=TaskStatus.CANCELLED.value,
+                    result={"success": False, "output": None, "error": "cancelled by the client", "error_type": CANCELLED},
+                    completed_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+            )
+        return TaskStatus.CANCELLED
+    view = _wait(ctx, task_id, CANCEL_WAIT)
+    return view.status if view is not None and view.status.is_final else status
+
+
 def _wait(ctx: ApiContext, task_id: str, timeout: float) -> BackendView | None:
     """Poll the result backend until the task is final or `timeout` passes."""
     deadline = time.monotonic() + timeout
@@ -233,12 +311,10 @@ def _status(ctx: ApiContext, task_id: str) -> TaskStatusResponse:
         row = session.get(TaskRow, task_id)
     if row is None:
         raise APIError(404, "task not found", f"no task with id {task_id!r}")
-    status, result, worker = TaskStatus(row.status), row.result, row.assigned_worker_type
-    if not status.is_final:
-        # The mirror may lag behind; the result backend is the source it catches up from.
-        view = _backend_view(ctx, task_id)
-        if view is not None and (view.status.is_final or status == TaskStatus.PENDING):
-            status, result, worker = view.status, view.result or result, view.worker or worker
+    status, view = _effective_status(ctx, row)
+    result, worker = row.result, row.assigned_worker_type
+    if view is not None:  # the mirror lags behind; the result backend is where it catches up from
+        result, worker = view.result or result, view.worker or worker
     return TaskStatusResponse(
         task_id=row.task_id,
         status=status,

@@ -68,6 +68,11 @@ class DelegateResponse(BaseModel):
     result: TaskResult | None = None
 
 
+class CancelResponse(BaseModel):
+    task_id: str
+    status: Literal["cancelled", "cancelling", "completed", "failed"]
+
+
 class TaskStatusResponse(BaseModel):
     task_id: str
     status: TaskStatus

@@ -1,13 +1,16 @@
 """The delegation pipeline end to end, driven over HTTP the way Claude Code drives it."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from tests.fakes.llm_server import FakeLLMServer, fake_answer, fake_prompt_tokens
 from tests.harness import System, clean_env, http
@@ -247,3 +250,71 @@ def test_an_extra_worker_with_only_the_broker_url_joins_the_cluster(
         extra.wait(timeout=30)
     assert not (home / "db" / "koubou.db").exists()
     wait_until(lambda: system.sql("SELECT status FROM workers WHERE worker_id LIKE 'extra@%'")[0]["status"] == "offline", 30)
+
+
+def cancel(system: System, task_id: str, how: str = "DELETE") -> tuple[int, Any]:
+    if how == "DELETE":
+        return http("DELETE", f"{system.api}/task/{task_id}")
+    return http("POST", f"{system.api}/task/{task_id}/cancel")
+
+
+def test_cancel_stops_a_running_backend_call(system: System, ollama_fake: FakeLLMServer) -> None:
+    ollama_fake.hang_next(1)  # accepts the call and never answers: only an interrupt ends it
+    task_id = system.delegate(prompt="hang forever", options={"timeout": 120})[1]["task_id"]
+    wait_until(lambda: ollama_fake.in_flight > 0, 20)  # the call is in the server's hands
+    began = time.monotonic()
+    code, body = cancel(system, task_id)
+    assert code in (200, 202), body
+    final = system.wait_final(task_id, timeout=15)
+    assert final["status"] == "cancelled", final
+    # The task itself got out of the hung call (Celery alone would only have marked it revoked).
+    worker_log = system.home / "logs" / "workers" / "worker.log"
+    wait_until(lambda: f"{task_id}] raised unexpected: DelegationFailed('cancelled by the client'"
+               in worker_log.read_text(errors="replace"), 10)  # fmt: skip
+    assert time.monotonic() - began < 10
+    assert wait_row(system, task_id)["status"] == "cancelled"
+    # The worker is free again: a new task completes.
+    code, body = system.delegate(prompt="after cancel", sync=True, options={"timeout": 30})
+    assert body["status"] == "completed"
+
+
+def test_cancel_drops_a_queued_task_before_it_starts(system: System, openai_fake: FakeLLMServer) -> None:
+    openai_fake.set_latency(2)
+    try:
+        blockers = [system.delegate(prompt=f"hold {i}", options={"model": SLOW_MODEL})[1]["task_id"] for i in range(2)]
+        wait_until(lambda: all(system.status(t)[1]["status"] == "in_progress" for t in blockers), 20)
+        queued = system.delegate(prompt="never to run", options={"model": SLOW_MODEL})[1]["task_id"]
+        code, body = cancel(system, queued, how="POST")
+        assert (code, body["status"]) == (200, "cancelled"), body
+    finally:
+        openai_fake.set_latency(0)
+    for task_id in blockers:
+        assert system.wait_final(task_id)["status"] == "completed"
+    time.sleep(2)
+    assert system.status(queued)[1]["status"] == "cancelled"
+    assert not [r for r in openai_fake.chat_requests() if "never to run" in str(r[2])]
+
+
+def test_cancel_of_a_final_or_unknown_task(system: System) -> None:
+    task_id = system.delegate(prompt="quick", sync=True)[1]["task_id"]
+    code, body = cancel(system, task_id)
+    assert code == 409 and body["detail"] == {"task_id": task_id, "status": "completed"}
+    assert cancel(system, "task_20200101_000000_unknown00")[0] == 404
+
+
+def test_an_idempotency_key_returns_the_same_task(system: System) -> None:
+    def send(key: str) -> str:
+        request = urllib.request.Request(
+            f"{system.api}/task/delegate", method="POST", data=json.dumps({"prompt": f"idem {key}"}).encode(),
+            headers={"Content-Type": "application/json", "Idempotency-Key": key},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["task_id"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ids = set(pool.map(send, ["same-key"] * 8))
+    assert len(ids) == 1
+    assert send("other-key") not in ids
+    (task_id,) = ids
+    assert system.wait_final(task_id)["status"] == "completed"
+    assert len(system.sql("SELECT 1 FROM task_master WHERE content LIKE ?", '%"idem same-key"%')) == 1
