@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,6 +21,7 @@ from celery import Celery
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from .broker import queued_task_ids, requeue_unacked
 from .constants import MIRROR_ALIVE_KEY, MIRROR_ALIVE_TTL, TaskStatus, WorkerStatus
 from .db.models import SystemLogRow, TaskRow, WorkerRow
 from .db.session import utcnow
@@ -44,6 +45,11 @@ WORKER_EVENTS = frozenset({"worker-online", "worker-heartbeat", "worker-offline"
 NON_FINAL = (TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value)
 
 
+def _answering(app: Celery, workers: list[str]) -> set[str]:
+    replies = app.control.ping(destination=workers, timeout=1.0) or []
+    return {name for reply in replies for name in reply}
+
+
 def _when(timestamp: float | None) -> datetime:
     if timestamp is None:
         return utcnow()
@@ -63,6 +69,9 @@ class Mirror:
         batch_size: int = 500,
         reconcile_interval: float = 5.0,
         offline_after: float = 10.0,
+        requeue: Callable[[Celery, Iterable[str]], set[str]] = requeue_unacked,
+        queued: Callable[[Celery], set[str]] = queued_task_ids,
+        answering: Callable[[Celery, list[str]], set[str]] | None = None,
     ) -> None:
         self.celery = celery
         self.sessions = sessions
@@ -71,6 +80,10 @@ class Mirror:
         self.batch_size = batch_size
         self.reconcile_interval = reconcile_interval
         self.offline_after = offline_after
+        self.requeue = requeue
+        self.queued = queued
+        self.answering = answering or _answering
+        self.started = time.monotonic()
         self.events: queue.Queue[Event] = queue.Queue()
         self.stopping = threading.Event()
         self._receiver: Any = None
@@ -108,7 +121,10 @@ class Mirror:
                 self.apply(batch)
             if time.monotonic() >= next_reconcile:
                 self._guarded(self.reconcile)
-                self._guarded(self.mark_offline)
+                # Heartbeats only count once the receiver had time to hear them.
+                if time.monotonic() - self.started > self.offline_after * 1.5:
+                    self._guarded(self.mark_offline)
+                    self._guarded(self.reap)
                 self._guarded(self._announce)
                 next_reconcile = time.monotonic() + self.reconcile_interval
         if self._receiver is not None:
@@ -243,8 +259,8 @@ class Mirror:
         row.updated_at = utcnow()
         if worker:
             row.assigned_worker_type = worker
-        if status == TaskStatus.IN_PROGRESS and row.started_at is None:
-            row.started_at = when
+        if status == TaskStatus.IN_PROGRESS and (row.started_at is None or row.status == TaskStatus.PENDING.value):
+            row.started_at = when  # a redelivered task starts anew
         if status.is_final:
             row.completed_at = when
             row.result = result
@@ -253,6 +269,7 @@ class Mirror:
         row = session.get(WorkerRow, worker_id)
         if row is None:
             row = WorkerRow(
+                online_since=_when(stamp),
                 worker_id=worker_id,
                 worker_type="celery",
                 status=WorkerStatus.IDLE.value,
@@ -277,8 +294,18 @@ class Mirror:
         row = self._ensure_worker(session, worker_id, busy=False, stamp=stamp)
         if row.last_heartbeat is not None and _when(stamp) < row.last_heartbeat:
             return
+        pid = event.get("pid")
+        # A new incarnation of the node (restarted, or back after going silent): whatever the
+        # old one had started is lost, and the reaper gives it back to the queue.
+        if (
+            event["type"] == "worker-online"
+            or row.online_since is None
+            or row.status == WorkerStatus.OFFLINE.value
+            or (pid and row.pid and pid != row.pid)
+        ):
+            row.online_since = _when(stamp)
         row.last_heartbeat = _when(stamp)
-        row.pid = event.get("pid") or row.pid
+        row.pid = pid or row.pid
         if event["type"] == "worker-offline":
             row.status, row.active_tasks = WorkerStatus.OFFLINE.value, 0
             return
@@ -349,6 +376,55 @@ class Mirror:
             )
         log.info("mirror: reconciled %d task(s) from the result backend", len(changes))
         return len(changes)
+
+    def reap(self) -> int:
+        """Tasks left `in_progress` by a worker that died: requeue their messages, or fail them.
+
+        A task is lost when its worker is offline, or came online again after the task started
+        (same name, new incarnation). Its unacknowledged message goes back to the queue at once
+        instead of after the visibility timeout; with no message left anywhere, it fails.
+        """
+        with self.sessions() as session:
+            suspects = session.execute(
+                select(TaskRow.task_id, TaskRow.assigned_worker_type, WorkerRow.status)
+                .join(WorkerRow, WorkerRow.worker_id == TaskRow.assigned_worker_type)
+                .where(TaskRow.status == TaskStatus.IN_PROGRESS.value)
+                .where(
+                    (WorkerRow.status == WorkerStatus.OFFLINE.value)
+                    | (WorkerRow.online_since > TaskRow.started_at)
+                )
+            ).all()
+        # Events are best effort: a silent worker may still be alive; a ping settles it.
+        silent = sorted({worker for _, worker, status in suspects if status == WorkerStatus.OFFLINE.value})
+        alive = self.answering(self.celery, silent) if silent else set()
+        lost = [(task_id, worker) for task_id, worker, status in suspects if worker not in alive]
+        if not lost:
+            return 0
+        ids = {task_id for task_id, _ in lost}
+        finished = {task_id for task_id in ids if (v := self._backend_view(task_id)) and v.status.is_final}
+        ids -= finished  # reconcile finishes those
+        requeued = self.requeue(self.celery, ids) if ids else set()
+        waiting = self.queued(self.celery) if ids - requeued else set()
+        with self.sessions.begin() as session:
+            for task_id, worker in lost:
+                if task_id not in ids:
+                    continue
+                row = session.get(TaskRow, task_id)
+                if row is None or row.status != TaskStatus.IN_PROGRESS.value:
+                    continue
+                if task_id in requeued or task_id in waiting:
+                    row.status, row.started_at = TaskStatus.PENDING.value, None
+                    message = f"worker {worker} was lost; task {task_id} requeued"
+                else:
+                    result = {"success": False, "output": None, "error": f"worker lost: {worker} stopped while "
+                              "running it and the broker no longer holds it", "error_type": "WorkerLost"}  # fmt: skip
+                    self._set_status(row, TaskStatus.FAILED, result, worker, utcnow())
+                    message = f"worker {worker} was lost; task {task_id} failed"
+                row.updated_at = utcnow()
+                session.add(SystemLogRow(timestamp=utcnow(), level="WARNING", component="reaper",
+                                         message=message, task_id=task_id))  # fmt: skip
+                log.warning("reaper: %s", message)
+        return len(ids)
 
     def mark_offline(self) -> None:
         """Workers whose heartbeats stopped are offline."""

@@ -131,6 +131,8 @@ def plan_services(settings: Settings, python: str = sys.executable) -> tuple[lis
             "--protected-mode", "yes",
             "--dir", str(home / "redis"),
             "--appendonly", "yes",
+            # fsync every write: an accepted task must survive even a hard kill of the broker.
+            "--appendfsync", "always",
             "--save", "",
             "--daemonize", "no",
         ]  # fmt: skip

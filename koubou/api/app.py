@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import redis
 from celery import Celery
 from flask import Flask, Response, g, jsonify, request
+from gunicorn.http.errors import ParseException
 from pydantic import BaseModel, ValidationError
 from spectree import Response as SpecResponse
 from spectree import SpecTree
@@ -97,7 +98,10 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def _parse(model: type[BaseModel]) -> Any:
-    raw = request.get_data(cache=False)
+    try:
+        raw = request.get_data(cache=False)
+    except ParseException as error:  # gunicorn raises these mid-read for a malformed chunked body
+        raise APIError(400, "invalid request body", f"{type(error).__name__}: {error}") from None
     if not raw.strip():
         raise APIError(400, "invalid request", "the body must be a JSON object")
     try:
@@ -131,7 +135,7 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
         task_id = _submit_once(ctx, body, request.headers.get("Idempotency-Key"))
         if not body.sync:
             return jsonify(DelegateResponse(task_id=task_id, status="delegated").model_dump()), 202
-        view = _wait(ctx, task_id, body.options.timeout)
+        view = _wait(ctx, task_id, min(body.options.timeout, float(ctx.settings.max_task_time)))
         if view is None or not view.status.is_final:
             return jsonify(DelegateResponse(task_id=task_id, status="in_progress").model_dump()), 202
         answer = DelegateResponse(task_id=task_id, status=view.status.value, result=view.result)

@@ -54,6 +54,8 @@ class WorkerRow(Base):
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     active_tasks: Mapped[int] = mapped_column(Integer, default=0)
     first_seen: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # When this incarnation of the node came online: tasks it started before then were lost.
+    online_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class AgentRow(Base):

@@ -183,3 +183,47 @@ def test_a_row_finished_by_reconcile_ignores_events_that_arrive_later(mirror: Mi
     assert mirror.reconcile() == 1
     mirror.apply([event("task-received", "t6"), event("task-started", "t6"), event("task-retried", "t6")])
     assert row(sessions, "t6").status == "completed"
+
+
+def reaper(sessions, store, requeued: set[str], queued: set[str], alive: set[str]) -> Mirror:
+    return Mirror(
+        SimpleNamespace(backend=store), sessions,  # type: ignore[arg-type]
+        requeue=lambda _app, ids: set(ids) & requeued, queued=lambda _app: queued,
+        answering=lambda _app, workers: set(workers) & alive,
+    )  # fmt: skip
+
+
+def test_tasks_of_a_restarted_worker_are_requeued(sessions, store) -> None:
+    mirror = reaper(sessions, store, requeued={"lost"}, queued=set(), alive=set())
+    add_pending(sessions, "lost")
+    t0 = time.time()
+    mirror.apply([event("worker-online", ts=t0 - 10, pid=1), event("task-started", "lost", t0 - 5)])
+    assert mirror.reap() == 0  # same incarnation: nothing to do
+    mirror.apply([event("worker-online", ts=t0, pid=2)])  # the node came back: a new process
+    assert mirror.reap() == 1
+    requeued = row(sessions, "lost")
+    assert requeued.status == "pending" and requeued.started_at is None
+    mirror.apply([event("task-started", "lost", t0 + 1)])  # runs again on the new incarnation
+    assert mirror.reap() == 0 and row(sessions, "lost").status == "in_progress"
+
+
+def test_a_silent_worker_that_still_answers_keeps_its_tasks(sessions, store) -> None:
+    mirror = reaper(sessions, store, requeued={"t"}, queued=set(), alive={WORKER})
+    add_pending(sessions, "t")
+    t0 = time.time() - 60
+    mirror.apply([event("worker-heartbeat", ts=t0, pid=1), event("task-started", "t", t0 + 1)])
+    mirror.mark_offline()
+    assert mirror.reap() == 0 and row(sessions, "t").status == "in_progress"
+
+
+def test_a_lost_task_no_broker_holds_fails_and_one_still_queued_goes_back_to_pending(sessions, store) -> None:
+    mirror = reaper(sessions, store, requeued=set(), queued={"waiting"}, alive=set())
+    add_pending(sessions, "gone")
+    add_pending(sessions, "waiting")
+    t0 = time.time() - 60
+    mirror.apply([event("worker-heartbeat", ts=t0, pid=1), event("task-started", "gone", t0 + 1),
+                  event("task-started", "waiting", t0 + 1)])  # fmt: skip
+    mirror.mark_offline()
+    assert mirror.reap() == 2
+    assert row(sessions, "gone").status == "failed" and row(sessions, "gone").result["error_type"] == "WorkerLost"  # type: ignore[index]
+    assert row(sessions, "waiting").status == "pending"

@@ -1,0 +1,55 @@
+"""What the broker still holds for a task: kombu's Redis transport, read and repaired directly.
+
+kombu keeps a delivered-but-unacknowledged message in the `unacked` hash until the worker acks
+it; when the worker dies it is only given back after the visibility timeout (twice the longest
+task). The mirror's reaper uses these helpers to give back, at once, the messages of a worker it
+knows is gone. They rely on kombu 5.7's Redis layout (pinned in requirements.txt).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from celery import Celery
+
+from .constants import DEFAULT_QUEUE
+
+
+def _task_id(raw: bytes | str) -> str | None:
+    try:
+        payload, _exchange, _routing_key = json.loads(raw)
+        return payload.get("headers", {}).get("id")
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def requeue_unacked(app: Celery, task_ids: Iterable[str]) -> set[str]:
+    """Put the unacknowledged messages of these tasks back on their queue; return the ids requeued."""
+    wanted = set(task_ids)
+    requeued: set[str] = set()
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        client = channel.client
+        for tag, raw in client.hscan_iter(channel.unacked_key):
+            task_id = _task_id(raw)
+            if task_id in wanted:
+                channel.qos.restore_by_tag(tag, client=client)
+                requeued.add(task_id)
+    return requeued
+
+
+def queued_task_ids(app: Celery, queues: Iterable[str] = (DEFAULT_QUEUE,)) -> set[str]:
+    """Ids of the tasks waiting in the queues (every priority sub-list)."""
+    found: set[str] = set()
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        client = channel.client
+        for queue in queues:
+            for step in channel.priority_steps:
+                for raw in client.lrange(channel._q_for_pri(queue, step), 0, -1):
+                    try:
+                        found.add(json.loads(raw)["headers"]["id"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+    return found
