@@ -360,7 +360,7 @@ class Mirror:
                 row = session.get(TaskRow, task_id)
                 if row is None or TaskStatus(row.status).is_final:
                     continue
-                self._set_status(row, view.status, view.result, view.worker, utcnow())
+                self._set_status(row, view.status, view.result, view.worker, view.completed_at or utcnow())
                 if view.worker:
                     self._ensure_worker(session, view.worker, busy=False, stamp=time.time())
                     touched.add(view.worker)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import states
@@ -21,6 +22,7 @@ class BackendView:
     status: TaskStatus
     result: dict[str, Any] | None
     worker: str | None
+    completed_at: datetime | None = None
 
 
 def failure_result(error: BaseException | Any) -> dict[str, Any]:
@@ -43,18 +45,31 @@ def view_from_meta(meta: dict[str, Any]) -> BackendView | None:
     """Map Celery's stored meta to koubou's status; None when the backend knows nothing yet."""
     state = meta.get("status")
     worker = meta.get("worker")
+    done = _naive_utc(meta.get("date_done"))
     if state == states.SUCCESS:
         result = meta.get("result")
         if not isinstance(result, dict):
             result = {"success": True, "output": str(result), "error": None}
         status = TaskStatus.COMPLETED if result.get("success", True) else TaskStatus.FAILED
-        return BackendView(status, result, worker or result.get("worker"))
+        return BackendView(status, result, worker or result.get("worker"), done)
     if state == states.FAILURE:
         result = failure_result(meta.get("result"))
         status = TaskStatus.CANCELLED if result.get("error_type") == CANCELLED else TaskStatus.FAILED
-        return BackendView(status, result, worker or result.get("worker"))
+        return BackendView(status, result, worker or result.get("worker"), done)
     if state == states.REVOKED:
-        return BackendView(TaskStatus.CANCELLED, {"success": False, "output": None, "error": "cancelled"}, worker)
+        return BackendView(TaskStatus.CANCELLED, {"success": False, "output": None, "error": "cancelled"}, worker, done)
     if state in (states.STARTED, states.RETRY):
         return BackendView(TaskStatus.IN_PROGRESS, None, worker)
     return None
+
+
+def _naive_utc(value: Any) -> datetime | None:
+    """Celery's `date_done` (a datetime or an ISO string) as naive UTC, like the table columns."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value

@@ -329,7 +329,7 @@ def _status(ctx: ApiContext, task_id: str) -> TaskStatusResponse:
         created_at=_iso(row.created_at) or "",
         updated_at=_iso(row.updated_at) or "",
         started_at=_iso(row.started_at),
-        completed_at=_iso(row.completed_at),
+        completed_at=_iso(row.completed_at or (view.completed_at if view else None)),
     )
 
 

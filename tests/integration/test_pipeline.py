@@ -81,7 +81,9 @@ def test_async_delegation_goes_through_every_state(system: System, openai_fake: 
     assert seen.index("in_progress") < seen.index("completed")
     assert status["result"]["output"] == answer(SLOW_MODEL, "slow async task")
     assert status["result"]["backend"].startswith("openai@")
-    assert status["started_at"] and status["completed_at"]
+    assert status["completed_at"]
+    row = wait_row(system, body["task_id"])
+    assert row["created_at"] <= row["started_at"] <= row["completed_at"]
 
 
 def test_sync_that_outlasts_its_wait_answers_202_and_the_task_goes_on(
