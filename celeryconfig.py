@@ -33,6 +33,12 @@ task_send_sent_event = True
 task_track_started = True
 result_extended = True
 result_expires = 7 * 24 * 3600
+# A broker/result-backend restart while a task finishes must not turn its answer into a failure:
+# retry storing the result (about a minute in all) instead of raising.
+result_backend_always_retry = True
+result_backend_max_retries = 30
+result_backend_base_sleep_between_retries_ms = 200
+result_backend_max_sleep_between_retries_ms = 3000
 
 # A task is acknowledged only after it ran, so a worker that dies mid-task loses nothing;
 # prefetch 1 keeps one slow task from holding others hostage on a busy worker.

@@ -136,10 +136,12 @@ class System:
             return ""
 
     def child(self, word: str) -> int | None:
-        """PID of the live child of `koubou up` running `koubou <word>`, if there is one now."""
+        """PID of the live child of `koubou up` running `koubou <word>` (or the broker), if there is one now."""
         assert self.process is not None
         for pid in descendants(self.process.pid):
-            if f"-m koubou {word}" in cmdline(pid) and _parent(pid) == self.process.pid and alive(pid):
+            line = cmdline(pid)
+            is_it = f"-m koubou {word}" in line or (word == "broker" and line.split(" ")[0].endswith("-server"))
+            if is_it and _parent(pid) == self.process.pid and alive(pid):
                 return pid
         return None
 

@@ -3,9 +3,10 @@
 import os
 import signal
 import time
+from pathlib import Path
 
 from tests.fakes.llm_server import FakeLLMServer, fake_answer
-from tests.harness import System
+from tests.harness import System, make_system
 from tests.integration.conftest import SLOW_MODEL
 from tests.integration.test_pipeline import wait_until
 
@@ -33,3 +34,44 @@ def test_a_worker_killed_mid_task_loses_nothing(system: System, openai_fake: Fak
     )) == len(ids), 30)  # fmt: skip
     requeued = system.sql("SELECT task_id FROM system_logs WHERE component = 'reaper' AND message LIKE '%requeued'")
     assert {r["task_id"] for r in requeued} & set(ids), "the reaper requeued none of the killed tasks"
+
+
+def test_broker_killed_and_restarted_mid_load_loses_no_accepted_task(
+    tmp_path: Path, ollama_fake: FakeLLMServer
+) -> None:
+    system = make_system(tmp_path, OLLAMA_HOST=ollama_fake.url, KOUBOU_DEFAULT_MODEL="fake-model:1b",
+                         KOUBOU_WORKER_AUTOSCALE="2,2").start()  # fmt: skip
+    try:
+        ollama_fake.set_latency(0.5)
+        accepted: dict[str, str] = {}
+
+        def submit(prompt: str) -> None:
+            try:
+                code, body = system.delegate(prompt=prompt, options={"timeout": 60})
+            except OSError:
+                return  # the API itself could not answer: nothing was accepted
+            if code == 202:
+                accepted[body["task_id"]] = prompt
+            else:
+                assert code == 503 and body["error"] == "broker unavailable", body
+
+        for i in range(10):
+            submit(f"before the crash {i}")
+        broker = system.child("broker")
+        assert broker is not None
+        os.kill(broker, signal.SIGKILL)
+        for i in range(10):  # during the outage and the restart: accepted or a clear 503
+            submit(f"during the outage {i}")
+            time.sleep(0.3)
+        wait_until(lambda: system.child("broker") not in (None, broker), 30)
+        for i in range(5):
+            submit(f"after the restart {i}")
+        assert sum(p.startswith("before") for p in accepted.values()) == 10
+        finals = {task_id: system.wait_final(task_id, timeout=120) for task_id in accepted}
+    finally:
+        ollama_fake.set_latency(0)
+        survivors = system.stop()
+    for task_id, final in finals.items():
+        assert final["status"] == "completed", (accepted[task_id], final)
+        assert final["result"]["output"] == fake_answer("fake-model:1b", [{"role": "user", "content": accepted[task_id]}])
+    assert not survivors
