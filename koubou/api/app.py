@@ -25,7 +25,7 @@ from .. import __version__
 from ..celery import app as celery_app
 from ..config import Settings, get_settings
 from ..constants import DEFAULT_QUEUE, DELEGATE_TASK, MIRROR_ALIVE_KEY, TaskStatus, WorkerStatus, cancel_key, idempotency_key
-from ..db.models import TaskRow, WorkerRow
+from ..db.models import AgentCommunicationRow, TaskRow, WorkerRow
 from ..db.session import make_engine, make_session_factory, utcnow
 from ..jobs import DelegationJob, new_task_id
 from ..results import CANCELLED, BackendView, view_from_meta
@@ -40,6 +40,7 @@ from .schemas import (
     ErrorResponse,
     HealthResponse,
     TaskResult,
+    MAX_PROMPT_CHARS,
     TaskStatusResponse,
 )
 
@@ -109,6 +110,8 @@ def _parse(model: type[BaseModel]) -> Any:
     except ValidationError as error:
         if any(item["type"] == "json_invalid" for item in error.errors()):
             raise APIError(400, "invalid JSON", error.errors()[0]["msg"]) from None
+        if any(item["type"] == "string_too_long" and item["loc"] == ("prompt",) for item in error.errors()):
+            raise APIError(413, "prompt too long", f"at most {MAX_PROMPT_CHARS} characters") from None
         details = [
             {"field": ".".join(str(p) for p in item["loc"]) or "(body)", "message": item["msg"]}
             for item in error.errors(include_url=False)
@@ -223,6 +226,7 @@ def _submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
                 updated_at=now,
             )
         )
+        session.add(_communication(task_id, "delegate", {"type": body.type.value, "model": job.model}))
     try:
         ctx.celery.send_task(
             DELEGATE_TASK,
@@ -244,6 +248,18 @@ def _submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
                 row.updated_at = utcnow()
         raise APIError(503, "broker unavailable", f"the task was not queued: {error}") from None
     return task_id
+
+
+def _communication(task_id: str, kind: str, details: dict[str, Any]) -> AgentCommunicationRow:
+    """Who asked koubou what, and when; the prompt itself stays in task_master.content (stored once)."""
+    return AgentCommunicationRow(
+        task_id=task_id,
+        sender=g.get("agent_id") or "anonymous",
+        receiver="koubou",
+        message_type=kind,
+        content={**details, "prompt_ref": f"task_master.content#{task_id}"},
+        created_at=utcnow(),
+    )
 
 
 def _backend_view(ctx: ApiContext, task_id: str) -> BackendView | None:
@@ -276,6 +292,8 @@ def _cancel(ctx: ApiContext, task_id: str) -> TaskStatus:
     # The flag stops the task wherever it is (queued, retrying, streaming); the revoke drops a
     # queued message and SIGUSR1 interrupts a blocking backend call, which then reads the flag.
     ctx.celery.backend.client.set(cancel_key(task_id), "1", ex=ctx.settings.max_task_time * 2 + 60)
+    with ctx.sessions.begin() as session:
+        session.add(_communication(task_id, "cancel", {"status_then": status.value}))
     ctx.celery.control.revoke(task_id, terminate=True, signal="SIGUSR1")
     if status == TaskStatus.PENDING:
         with ctx.sessions.begin() as session:

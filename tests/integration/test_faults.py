@@ -3,10 +3,11 @@
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.fakes.llm_server import FakeLLMServer, fake_answer
-from tests.harness import System, make_system
+from tests.harness import System, http, make_system
 from tests.integration.conftest import SLOW_MODEL
 from tests.integration.test_pipeline import wait_until
 
@@ -75,3 +76,48 @@ def test_broker_killed_and_restarted_mid_load_loses_no_accepted_task(
         assert final["status"] == "completed", (accepted[task_id], final)
         assert final["result"]["output"] == fake_answer("fake-model:1b", [{"role": "user", "content": accepted[task_id]}])
     assert not survivors
+
+
+def test_a_backend_that_hangs_times_out_and_frees_the_worker(system: System, ollama_fake: FakeLLMServer) -> None:
+    ollama_fake.hang_next(1)
+    began = time.monotonic()
+    code, body = system.delegate(prompt="never answered", sync=True, options={"timeout": 2})
+    final = body if body["status"] == "failed" else system.wait_final(body["task_id"], timeout=30)
+    assert final["status"] == "failed" and "timed out" in final["result"]["error"], final
+    assert time.monotonic() - began < 15
+    assert system.delegate(prompt="next one", sync=True, options={"timeout": 30})[1]["status"] == "completed"
+
+
+def api_answers(system: System) -> bool:
+    try:
+        return http("GET", f"{system.api}/health", timeout=5)[0] in (200, 503)
+    except OSError:
+        return False
+
+
+def test_the_api_killed_mid_load_loses_no_accepted_task(system: System) -> None:
+    accepted: dict[str, str] = {}
+
+    def submit(i: int) -> None:
+        try:
+            code, body = system.delegate(prompt=f"api crash load {i}")
+        except OSError:
+            return  # refused while the API restarts: not accepted, and the client knows it
+        if code == 202:
+            accepted[body["task_id"]] = f"api crash load {i}"
+
+    api = system.child("api")
+    assert api is not None
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(submit, i) for i in range(40)]
+        time.sleep(0.2)
+        os.kill(api, signal.SIGKILL)
+        for future in futures:
+            future.result()
+    wait_until(lambda: system.child("api") not in (None, api), 30)
+    wait_until(lambda: api_answers(system), 30)
+    assert accepted
+    for task_id, prompt in accepted.items():
+        final = system.wait_final(task_id, timeout=60)
+        assert final["status"] == "completed"
+        assert final["result"]["output"] == fake_answer("fake-model:1b", [{"role": "user", "content": prompt}])

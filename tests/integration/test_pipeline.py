@@ -50,6 +50,9 @@ def test_sync_delegation_returns_the_answer_and_mirrors_the_row(system: System) 
     assert '"output": "' + result["output"] in row["result"]
     assert row["assigned_worker_type"] == result["worker"]
     assert row["created_at"] <= row["started_at"] <= row["completed_at"] <= row["updated_at"]
+    asked = system.sql("SELECT * FROM agent_communications WHERE task_id = ?", body["task_id"])
+    assert [(a["sender"], a["message_type"]) for a in asked] == [("anonymous", "delegate")]
+    assert prompt not in asked[0]["content"]  # stored once, in task_master.content
 
 
 def test_status_alias_path_answers_the_same(system: System) -> None:

@@ -8,6 +8,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from koubou.api.app import MAX_BODY_BYTES, create_app
+from koubou.api.schemas import MAX_PROMPT_CHARS
 from koubou.config import load_settings
 from tests.harness import free_port
 
@@ -93,3 +94,7 @@ def test_openapi_is_generated_from_the_request_model(client: FlaskClient) -> Non
     assert {"type", "prompt", "priority", "sync", "files", "options"} <= set(schema["properties"])
     assert schema["properties"]["priority"]["maximum"] == 10
     assert "/task/{task_id}/status" in spec["paths"] and "/health" in spec["paths"]
+
+
+def test_a_prompt_over_the_limit_is_413(client: FlaskClient) -> None:
+    assert_error(post(client, {"prompt": "x" * (MAX_PROMPT_CHARS + 1)}), 413, "prompt too long")
