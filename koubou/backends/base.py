@@ -46,6 +46,17 @@ class BackendRejected(BackendError):
     """The server refused the request as invalid (a 4xx other than 404/429)."""
 
 
+def error_for_status(status: int, where: str, detail: str, model: str | None) -> BackendError:
+    """The BackendError an HTTP error status means, the same for every server kind."""
+    if status == 404 and model is not None:
+        return ModelNotFound(f"model {model!r} not found on {where} ({detail})")
+    if status in (429, 503):
+        return BackendBusy(f"{where} is busy (HTTP {status}): {detail}")
+    if status >= 500:
+        return BackendServerError(f"{where} failed (HTTP {status}): {detail}")
+    return BackendRejected(f"{where} rejected the request (HTTP {status}): {detail}")
+
+
 @dataclass(frozen=True)
 class ChatMessage:
     role: str  # "system" | "user" | "assistant"

@@ -16,7 +16,6 @@ import ollama
 import pydantic
 
 from koubou.backends.base import (
-    BackendBusy,
     BackendError,
     BackendRejected,
     BackendServerError,
@@ -25,7 +24,7 @@ from koubou.backends.base import (
     ChatRequest,
     ChatResult,
     DeltaCallback,
-    ModelNotFound,
+    error_for_status,
 )
 
 #: Seconds to wait for a TCP connection, however long the call may take in all.
@@ -156,13 +155,7 @@ class OllamaBackend:
         if status < 0:
             # An {"error": ...} line in the middle of a streamed answer.
             return BackendServerError(f"{where} failed while answering: {detail}")
-        if status == 404 and model is not None:
-            return ModelNotFound(f"model {model!r} not found on {where} ({detail})")
-        if status in (429, 503):
-            return BackendBusy(f"{where} is busy (HTTP {status}): {detail}")
-        if status >= 500:
-            return BackendServerError(f"{where} failed (HTTP {status}): {detail}")
-        return BackendRejected(f"{where} rejected the request (HTTP {status}): {detail}")
+        return error_for_status(status, where, detail, model)
 
     def _timeout_message(self, timeout: float) -> str:
         return f"ollama at {self.url} timed out after {timeout:g}s"

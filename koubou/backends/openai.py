@@ -16,16 +16,14 @@ from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionMessageParam
 
 from koubou.backends.base import (
-    BackendBusy,
     BackendError,
-    BackendRejected,
     BackendServerError,
     BackendTimeout,
     BackendUnavailable,
     ChatRequest,
     ChatResult,
     DeltaCallback,
-    ModelNotFound,
+    error_for_status,
 )
 
 #: Seconds to wait for a TCP connection, however long the call may take in all.
@@ -196,14 +194,7 @@ class OpenAIBackend:
             raise BackendServerError(f"{where} failed while answering: {detail}") from exc
 
     def _status_error(self, exc: openai.APIStatusError, model: str | None) -> BackendError:
-        where, status, detail = f"openai-compatible server at {self.url}", exc.status_code, _detail(exc)
-        if status == 404 and model is not None:
-            return ModelNotFound(f"model {model!r} not found on {where} ({detail})")
-        if status in (429, 503):
-            return BackendBusy(f"{where} is busy (HTTP {status}): {detail}")
-        if status >= 500:
-            return BackendServerError(f"{where} failed (HTTP {status}): {detail}")
-        return BackendRejected(f"{where} rejected the request (HTTP {status}): {detail}")
+        return error_for_status(exc.status_code, f"openai-compatible server at {self.url}", _detail(exc), model)
 
     def _timeout_message(self, timeout: float) -> str:
         return f"openai-compatible server at {self.url} timed out after {timeout:g}s"

@@ -1,7 +1,6 @@
 """Bad input of every kind gets a 4xx JSON error; nothing reaches the broker."""
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest

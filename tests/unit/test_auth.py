@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from koubou.agents import AgentExists, add_agent, hash_token, list_agents, revoke_agent
