@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.set_defaults(func=cmd_agent)
     demo = sub.add_parser("demo-model", help="serve the embedded demo model (llama.cpp + SmolLM2-135M)")
     demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8766)
+    demo.add_argument("--port", type=int, default=8767)
     demo.set_defaults(func=cmd_demo_model)
     return parser
 

@@ -56,7 +56,11 @@ class Settings(BaseSettings):
     retry_window: float = Field(60.0, ge=0, le=3600, validation_alias="KOUBOU_RETRY_WINDOW")
     retry_base_delay: float = Field(1.0, gt=0, le=60, validation_alias="KOUBOU_RETRY_BASE_DELAY")
     demo_model: bool = Field(True, validation_alias="KOUBOU_DEMO_MODEL")
-    demo_port: Port = Field(8766, validation_alias="KOUBOU_DEMO_PORT")
+    demo_port: Port = Field(8767, validation_alias="KOUBOU_DEMO_PORT")
+    # Clients of the API (CLI, Python client, MCP server):
+    api_url_setting: str | None = Field(None, validation_alias="KOUBOU_API_URL")
+    api_token: str | None = Field(None, validation_alias="KOUBOU_API_TOKEN")
+    mcp_port: Port = Field(8766, validation_alias="KOUBOU_MCP_PORT")
 
     @field_validator("ollama_host")
     @classmethod
@@ -98,6 +102,14 @@ class Settings(BaseSettings):
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def api_url(self) -> str:
+        """Where clients reach the API: KOUBOU_API_URL, else built from KOUBOU_API_HOST/PORT."""
+        if self.api_url_setting:
+            return self.api_url_setting.rstrip("/")
+        host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::", "") else self.api_host
+        return f"http://{host}:{self.api_port}"
 
     @property
     def uses_embedded_broker(self) -> bool:

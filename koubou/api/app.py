@@ -33,6 +33,7 @@ from ..routing import Router, build_backends
 from . import auth
 from .schemas import (
     BackendHealth,
+    BackendListResponse,
     CancelResponse,
     ComponentHealth,
     DelegateRequest,
@@ -41,7 +42,11 @@ from .schemas import (
     HealthResponse,
     TaskResult,
     MAX_PROMPT_CHARS,
+    TaskListQuery,
+    TaskListResponse,
     TaskStatusResponse,
+    WorkerInfo,
+    WorkerListResponse,
 )
 
 log = logging.getLogger(__name__)
@@ -112,11 +117,14 @@ def _parse(model: type[BaseModel]) -> Any:
             raise APIError(400, "invalid JSON", error.errors()[0]["msg"]) from None
         if any(item["type"] == "string_too_long" and item["loc"] == ("prompt",) for item in error.errors()):
             raise APIError(413, "prompt too long", f"at most {MAX_PROMPT_CHARS} characters") from None
-        details = [
-            {"field": ".".join(str(p) for p in item["loc"]) or "(body)", "message": item["msg"]}
-            for item in error.errors(include_url=False)
-        ]
-        raise APIError(400, "invalid request", details) from None
+        raise APIError(400, "invalid request", _field_errors(error)) from None
+
+
+def _field_errors(error: ValidationError) -> list[dict[str, str]]:
+    return [
+        {"field": ".".join(str(p) for p in item["loc"]) or "(body)", "message": item["msg"]}
+        for item in error.errors(include_url=False)
+    ]
 
 
 def _iso(value: Any) -> str | None:
@@ -165,6 +173,43 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
 
     app.add_url_rule("/task/<task_id>/status", "task_status", task_status)
     app.add_url_rule("/task/status/<task_id>", "task_status_alias", task_status)  # the original code's form
+
+    @app.get("/tasks")
+    @spec.validate(query=TaskListQuery, resp=SpecResponse(HTTP_200=TaskListResponse, HTTP_400=ErrorResponse), skip_validation=True)
+    def list_tasks() -> Response:
+        """Recent tasks, newest first; `status` filters, `limit` bounds (1-200, default 20)."""
+        try:
+            query = TaskListQuery.model_validate(request.args.to_dict())
+        except ValidationError as error:
+            raise APIError(400, "invalid request", _field_errors(error)) from None
+        statement = select(TaskRow).order_by(TaskRow.created_at.desc()).limit(query.limit)
+        if query.status is not None:
+            statement = statement.where(TaskRow.status == query.status.value)
+        with ctx.sessions() as session:
+            rows = session.scalars(statement).all()
+        return jsonify(TaskListResponse(tasks=[_describe(ctx, row) for row in rows]).model_dump(mode="json"))
+
+    @app.get("/workers")
+    @spec.validate(resp=SpecResponse(HTTP_200=WorkerListResponse), skip_validation=True)
+    def list_workers() -> Response:
+        """Every worker the mirror has seen, with its state and counters."""
+        with ctx.sessions() as session:
+            rows = session.scalars(select(WorkerRow).order_by(WorkerRow.worker_id)).all()
+        workers = [
+            WorkerInfo(
+                worker_id=row.worker_id, status=row.status, model_name=row.model_name,
+                tasks_completed=row.tasks_completed, tasks_failed=row.tasks_failed,
+                active_tasks=row.active_tasks, last_heartbeat=_iso(row.last_heartbeat),
+            )  # fmt: skip
+            for row in rows
+        ]
+        return jsonify(WorkerListResponse(workers=workers).model_dump(mode="json"))
+
+    @app.get("/backends")
+    @spec.validate(resp=SpecResponse(HTTP_200=BackendListResponse), skip_validation=True)
+    def list_backends() -> Response:
+        """Each LLM backend: reachable or not, and its models."""
+        return jsonify(BackendListResponse(backends=_backends(ctx)).model_dump(mode="json"))
 
     @app.get("/health")
     @spec.validate(resp=SpecResponse(HTTP_200=HealthResponse, HTTP_503=HealthResponse), skip_validation=True)
@@ -333,6 +378,10 @@ def _status(ctx: ApiContext, task_id: str) -> TaskStatusResponse:
         row = session.get(TaskRow, task_id)
     if row is None:
         raise APIError(404, "task not found", f"no task with id {task_id!r}")
+    return _describe(ctx, row)
+
+
+def _describe(ctx: ApiContext, row: TaskRow) -> TaskStatusResponse:
     status, view = _effective_status(ctx, row)
     result, worker = row.result, row.assigned_worker_type
     if view is not None:  # the mirror lags behind; the result backend is where it catches up from
@@ -376,13 +425,17 @@ def _health(ctx: ApiContext) -> HealthResponse:
     components["mirror"] = ComponentHealth(
         name="mirror", ok=mirror_alive, detail=None if mirror_alive else "not running: rows lag; status reads the result backend"
     )
-    backends = [
-        BackendHealth(name=s.name, kind=s.kind, url=s.url, reachable=s.reachable, models=list(s.models), error=s.error)
-        for s in ctx.router.states(timeout=1.0, max_age=HEALTH_MAX_AGE)
-    ]
+    backends = _backends(ctx)
     required = ("broker", "database", "workers")
     ok = all(components[name].ok for name in required)
     return HealthResponse(status="ok" if ok else "degraded", components=components, backends=backends, workers=workers)
+
+
+def _backends(ctx: ApiContext) -> list[BackendHealth]:
+    return [
+        BackendHealth(name=s.name, kind=s.kind, url=s.url, reachable=s.reachable, models=list(s.models), error=s.error)
+        for s in ctx.router.states(timeout=1.0, max_age=HEALTH_MAX_AGE)
+    ]
 
 
 def _answering_workers(ctx: ApiContext, expected: int) -> set[str]:

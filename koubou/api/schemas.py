@@ -108,6 +108,37 @@ class HealthResponse(BaseModel):
     workers: list[str]
 
 
+class TaskListQuery(BaseModel):
+    """`GET /tasks` query string."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: TaskStatus | None = None
+    limit: int = Field(20, ge=1, le=200)
+
+
+class TaskListResponse(BaseModel):
+    tasks: list[TaskStatusResponse]
+
+
+class WorkerInfo(BaseModel):
+    worker_id: str
+    status: str
+    model_name: str | None = None
+    tasks_completed: int
+    tasks_failed: int
+    active_tasks: int
+    last_heartbeat: str | None = None
+
+
+class WorkerListResponse(BaseModel):
+    workers: list[WorkerInfo]
+
+
+class BackendListResponse(BaseModel):
+    backends: list[BackendHealth]
+
+
 class ErrorResponse(BaseModel):
     error: str
     detail: Any = None

@@ -323,3 +323,19 @@ def test_an_idempotency_key_returns_the_same_task(system: System) -> None:
     (task_id,) = ids
     assert system.wait_final(task_id)["status"] == "completed"
     assert len(system.sql("SELECT 1 FROM task_master WHERE content LIKE ?", '%"idem same-key"%')) == 1
+
+
+def test_tasks_workers_and_backends_lists(system: System) -> None:
+    done = system.delegate(prompt="list me", sync=True)[1]["task_id"]
+    failed = system.delegate(prompt="list me too", sync=True, options={"model": "absent:1b"})[1]["task_id"]
+    wait_row(system, failed)
+    code, body = http("GET", f"{system.api}/tasks?limit=200")
+    assert code == 200
+    listed = [task["task_id"] for task in body["tasks"]]
+    assert listed.index(failed) < listed.index(done)  # newest first
+    code, body = http("GET", f"{system.api}/tasks?status=failed&limit=200")
+    assert failed in [t["task_id"] for t in body["tasks"]] and all(t["status"] == "failed" for t in body["tasks"])
+    code, body = http("GET", f"{system.api}/workers")
+    assert code == 200 and any(w["status"] in ("idle", "busy") and w["tasks_completed"] > 0 for w in body["workers"])
+    code, body = http("GET", f"{system.api}/backends")
+    assert code == 200 and {b["kind"] for b in body["backends"]} == {"ollama", "openai"}

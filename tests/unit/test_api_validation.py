@@ -97,3 +97,8 @@ def test_openapi_is_generated_from_the_request_model(client: FlaskClient) -> Non
 
 def test_a_prompt_over_the_limit_is_413(client: FlaskClient) -> None:
     assert_error(post(client, {"prompt": "x" * (MAX_PROMPT_CHARS + 1)}), 413, "prompt too long")
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=201", "limit=many", "status=bogus", "colour=red"])
+def test_bad_task_list_queries_are_400(client: FlaskClient, query: str) -> None:
+    assert_error(client.get(f"/tasks?{query}"), 400, "invalid request")
