@@ -67,6 +67,7 @@ class Delegation:
         worker: str | None = None,
         is_cancelled: Callable[[], bool] = lambda: False,
         sleep: Callable[[float], None] = time.sleep,
+        on_text: Callable[[str], None] | None = None,
     ) -> None:
         self.job = job
         self.router = router
@@ -74,6 +75,7 @@ class Delegation:
         self.worker = worker
         self.is_cancelled = is_cancelled
         self.sleep = sleep
+        self.on_text = on_text
         self.attempts: list[Attempt] = []
         self.started = time.monotonic()
         self.deadline = self.started + job.timeout
@@ -141,7 +143,9 @@ class Delegation:
             timeout=remaining,
         )
 
-    def _on_delta(self, _text: str) -> None:
+    def _on_delta(self, text: str) -> None:
+        if self.on_text is not None:
+            self.on_text(text)
         self._check_cancel()
 
     def _check_cancel(self, force: bool = False) -> None:

@@ -11,6 +11,7 @@ from .constants import DELEGATE_TASK, cancel_key
 from .delegation import Delegation, RetryPolicy
 from .jobs import DelegationJob
 from .routing import Router, build_backends
+from .streaming import TokenPublisher
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,16 @@ def delegate(self, job: dict) -> dict:  # type: ignore[no-untyped-def]
     """Run one delegation; the returned dict is the task's `result` (failures raise DelegationFailed)."""
     parsed = DelegationJob.model_validate(job)
     log.info("delegation %s: model=%s type=%s", parsed.task_id, parsed.model, parsed.type)
+    publish = TokenPublisher(app.backend.client, parsed.task_id)
     delegation = Delegation(
-        parsed, get_router(), retry_policy(), self.request.hostname, is_cancelled=lambda: cancel_requested(parsed.task_id)
+        parsed,
+        get_router(),
+        retry_policy(),
+        self.request.hostname,
+        is_cancelled=lambda: cancel_requested(parsed.task_id),
+        on_text=publish,
     )
-    return delegation.run().model_dump()
+    try:
+        return delegation.run().model_dump()
+    finally:
+        publish.flush()  # before the result is stored, so `done` never overtakes the last delta

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,6 +30,7 @@ from ..db.session import make_engine, make_session_factory, utcnow
 from ..jobs import DelegationJob, new_task_id
 from ..results import CANCELLED, BackendView, view_from_meta
 from ..routing import Router, build_backends
+from ..streaming import event_stream, read_progress
 from . import auth
 from .schemas import (
     BackendHealth,
@@ -44,6 +45,7 @@ from .schemas import (
     MAX_PROMPT_CHARS,
     TaskListQuery,
     TaskListResponse,
+    TaskProgress,
     TaskStatusResponse,
     WorkerInfo,
     WorkerListResponse,
@@ -171,6 +173,31 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
         """A task's state, result and timestamps."""
         return jsonify(_status(ctx, task_id).model_dump(mode="json"))
 
+    @spec.validate(resp=SpecResponse(HTTP_200=None, HTTP_404=ErrorResponse), skip_validation=True)
+    def task_stream(task_id: str) -> Response:
+        """Server-sent events: `status` on each change, `delta` (the model's text as it streams), `done`.
+
+        Resume with `Last-Event-ID`; a finished task's stream is `status`, `done`.
+        """
+        _status(ctx, task_id)  # 404 for an unknown task, before the stream starts
+
+        def current() -> tuple[str, dict[str, Any] | None]:
+            with ctx.sessions() as session:
+                row = session.get(TaskRow, task_id)
+            assert row is not None
+            status, view = _effective_status(ctx, row)
+            if not status.is_final:
+                return status.value, None
+            result = view.result if view is not None and view.result else row.result
+            return status.value, {"task_id": task_id, "status": status.value, "result": result}
+
+        deadline = time.monotonic() + ctx.settings.max_task_time * 2 + 60
+        events = event_stream(
+            ctx.celery.backend.client, task_id, current, request.headers.get("Last-Event-ID"), deadline
+        )
+        return Response(events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    app.add_url_rule("/task/<task_id>/stream", "task_stream", task_stream)
     app.add_url_rule("/task/<task_id>/status", "task_status", task_status)
     app.add_url_rule("/task/status/<task_id>", "task_status_alias", task_status)  # the original code's form
 
@@ -386,7 +413,9 @@ def _describe(ctx: ApiContext, row: TaskRow) -> TaskStatusResponse:
     result, worker = row.result, row.assigned_worker_type
     if view is not None:  # the mirror lags behind; the result backend is where it catches up from
         result, worker = view.result or result, view.worker or worker
+    completed_at = row.completed_at or (view.completed_at if view else None)
     return TaskStatusResponse(
+        progress=_progress(ctx, row, completed_at),
         task_id=row.task_id,
         status=status,
         type=row.task_type,
@@ -396,8 +425,24 @@ def _describe(ctx: ApiContext, row: TaskRow) -> TaskStatusResponse:
         created_at=_iso(row.created_at) or "",
         updated_at=_iso(row.updated_at) or "",
         started_at=_iso(row.started_at),
-        completed_at=_iso(row.completed_at or (view.completed_at if view else None)),
+        completed_at=_iso(completed_at),
     )
+
+
+def _progress(ctx: ApiContext, row: TaskRow, completed_at: datetime | None) -> TaskProgress:
+    streamed = read_progress(ctx.celery.backend.client, row.task_id)
+    started = row.started_at
+    end = completed_at or utcnow()
+    return TaskProgress(
+        tokens=streamed.tokens,
+        tokens_per_second=streamed.tokens_per_second,
+        queued_ms=_ms_between(row.created_at, started or end),
+        running_ms=_ms_between(started, end) if started else None,
+    )
+
+
+def _ms_between(start: datetime, end: datetime) -> float:
+    return round(max(0.0, (end - start).total_seconds()) * 1000, 1)
 
 
 def _health(ctx: ApiContext) -> HealthResponse:

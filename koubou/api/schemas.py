@@ -73,6 +73,13 @@ class CancelResponse(BaseModel):
     status: Literal["cancelled", "cancelling", "completed", "failed"]
 
 
+class TaskProgress(BaseModel):
+    tokens: int = Field(description="Pieces of text the model has streamed so far (about one token each).")
+    tokens_per_second: float | None = None
+    queued_ms: float | None = Field(None, description="From acceptance to start.")
+    running_ms: float | None = Field(None, description="From start to the end (or to now).")
+
+
 class TaskStatusResponse(BaseModel):
     task_id: str
     status: TaskStatus
@@ -84,6 +91,7 @@ class TaskStatusResponse(BaseModel):
     updated_at: str
     started_at: str | None = None
     completed_at: str | None = None
+    progress: TaskProgress | None = None
 
 
 class ComponentHealth(BaseModel):

@@ -339,3 +339,59 @@ def test_tasks_workers_and_backends_lists(system: System) -> None:
     assert code == 200 and any(w["status"] in ("idle", "busy") and w["tasks_completed"] > 0 for w in body["workers"])
     code, body = http("GET", f"{system.api}/backends")
     assert code == 200 and {b["kind"] for b in body["backends"]} == {"ollama", "openai"}
+
+
+def read_sse(url: str, last_event_id: str | None = None, stop_after_deltas: int | None = None) -> list[dict]:
+    """Events of a server-sent-event stream, read with a plain HTTP client."""
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id:
+        headers["Last-Event-ID"] = last_event_id
+    events: list[dict] = []
+    current: dict = {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        for raw in response:
+            line = raw.decode().rstrip("\n")
+            if not line:
+                if current:
+                    events.append({**current, "data": json.loads(current["data"])})
+                    current = {}
+                    if stop_after_deltas and sum(e["event"] == "delta" for e in events) >= stop_after_deltas:
+                        return events  # drop the connection mid-stream
+                continue
+            if line.startswith(":"):
+                continue
+            field, _, value = line.partition(": ")
+            current[field] = value
+    return events
+
+
+def test_live_output_streams_as_server_sent_events_and_resumes(system: System, openai_fake: FakeLLMServer) -> None:
+    prompt = "one two three four five six seven eight nine ten eleven twelve"
+    expected = answer(SLOW_MODEL, prompt)
+    openai_fake.set_latency(2.5)
+    try:
+        task_id = system.delegate(prompt=prompt, options={"model": SLOW_MODEL, "timeout": 60})[1]["task_id"]
+        url = f"{system.api}/task/{task_id}/stream"
+        first = read_sse(url, stop_after_deltas=2)
+        resumed = read_sse(url, last_event_id=first[-1]["id"])
+    finally:
+        openai_fake.set_latency(0)
+    assert first[0]["event"] == "status"
+    kinds = [e["event"] for e in resumed]
+    assert kinds[-1] == "done" and "delta" in kinds
+    text = "".join(e["data"]["text"] for e in first + resumed if e["event"] == "delta")
+    assert text == expected  # nothing lost, nothing repeated across the reconnect
+    assert resumed[-1]["data"]["status"] == "completed" and resumed[-1]["data"]["result"]["output"] == expected
+    assert "in_progress" in [e["data"]["status"] for e in first + resumed if e["event"] == "status"]
+    progress = system.status(task_id)[1]["progress"]
+    assert progress["tokens"] == len(expected.split()) and progress["running_ms"] > 1000
+    assert progress["queued_ms"] is not None
+    # A finished task's stream replays its state and closes.
+    replay = read_sse(url)
+    assert [e["event"] for e in replay] == ["status", "done"]
+    assert replay[-1]["data"]["result"]["output"] == expected
+
+
+def test_stream_of_an_unknown_task_is_404(system: System) -> None:
+    assert http("GET", f"{system.api}/task/task_20200101_000000_nothere0/stream")[0] == 404
