@@ -9,10 +9,11 @@ from pathlib import Path
 from tests.fakes.llm_server import FakeLLMServer, fake_answer
 from tests.harness import System, http, make_system
 from tests.integration.conftest import SLOW_MODEL
-from tests.integration.test_pipeline import wait_until
+from tests.integration.test_pipeline import wait_idle, wait_until
 
 
 def test_a_worker_killed_mid_task_loses_nothing(system: System, openai_fake: FakeLLMServer) -> None:
+    wait_idle(system)
     openai_fake.set_latency(3)
     try:
         prompts = [f"survive the kill {i}" for i in range(6)]
@@ -79,6 +80,7 @@ def test_broker_killed_and_restarted_mid_load_loses_no_accepted_task(
 
 
 def test_a_backend_that_hangs_times_out_and_frees_the_worker(system: System, ollama_fake: FakeLLMServer) -> None:
+    wait_idle(system)
     ollama_fake.hang_next(1)
     began = time.monotonic()
     code, body = system.delegate(prompt="never answered", sync=True, options={"timeout": 2})

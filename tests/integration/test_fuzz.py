@@ -517,7 +517,7 @@ def hostile_cases() -> list[Hostile]:
         # Over 8 MiB without a Content-Length, werkzeug's readall() stops at the limit without
         # raising: the body is cut at 8 MiB and refused as invalid JSON (400), not 413.
         H("10 MB body (chunked)", delegate(big, chunked=True), 400, 413),
-        H("prompt over 1M chars (2 MB body)", delegate({"prompt": "a" * 2_000_001}), 400),
+        H("prompt over 1M chars (2 MB body)", delegate({"prompt": "a" * 2_000_001}), 413),
         H("6 MB: 700k-item files list", delegate({"prompt": "x", "files": ["aaaaa"] * 700_000}), 400),
         H("100k nested lists", delegate(b"[" * NEST + b"]" * NEST), 400),
         H("100k nested objects", delegate(b'{"a":' * NEST + b"1" + b"}" * NEST), 400),

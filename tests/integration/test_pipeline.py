@@ -92,6 +92,7 @@ def test_async_delegation_goes_through_every_state(system: System, openai_fake: 
 def test_sync_that_outlasts_its_wait_answers_202_and_the_task_goes_on(
     system: System, openai_fake: FakeLLMServer
 ) -> None:
+    wait_idle(system)
     openai_fake.set_latency(3)
     try:
         # Fill both worker processes, so the next task has to wait in the queue.
@@ -205,6 +206,15 @@ def test_worker_rows_reflect_the_worker(system: System) -> None:
     assert datetime.utcnow() - heartbeat < timedelta(seconds=15)  # noqa: DTZ003 (stored as naive UTC)
 
 
+def wait_idle(system: System, timeout: float = 60) -> None:
+    """No task pending or running: tests that steer the shared fake server go one at a time."""
+
+    def idle() -> bool:
+        return all(not http("GET", f"{system.api}/tasks?status={s}&limit=200")[1]["tasks"] for s in ("pending", "in_progress"))
+
+    wait_until(idle, timeout)
+
+
 def wait_row(system: System, task_id: str) -> dict:
     wait_until(lambda: system.sql("SELECT 1 FROM task_master WHERE task_id = ? AND status IN "
                                   "('completed','failed','cancelled')", task_id), 20)  # fmt: skip
@@ -264,9 +274,10 @@ def cancel(system: System, task_id: str, how: str = "DELETE") -> tuple[int, Any]
 
 
 def test_cancel_stops_a_running_backend_call(system: System, ollama_fake: FakeLLMServer) -> None:
+    wait_idle(system)  # so the next call to the fake is this task's
     ollama_fake.hang_next(1)  # accepts the call and never answers: only an interrupt ends it
     task_id = system.delegate(prompt="hang forever", options={"timeout": 120})[1]["task_id"]
-    wait_until(lambda: ollama_fake.in_flight > 0, 20)  # the call is in the server's hands
+    wait_until(lambda: any("hang forever" in str(body) for _, _, body in ollama_fake.chat_requests()), 20)
     began = time.monotonic()
     code, body = cancel(system, task_id)
     assert code in (200, 202), body
@@ -284,6 +295,7 @@ def test_cancel_stops_a_running_backend_call(system: System, ollama_fake: FakeLL
 
 
 def test_cancel_drops_a_queued_task_before_it_starts(system: System, openai_fake: FakeLLMServer) -> None:
+    wait_idle(system)
     openai_fake.set_latency(2)
     try:
         blockers = [system.delegate(prompt=f"hold {i}", options={"model": SLOW_MODEL})[1]["task_id"] for i in range(2)]
@@ -302,6 +314,7 @@ def test_cancel_drops_a_queued_task_before_it_starts(system: System, openai_fake
 
 def test_cancel_of_a_final_or_unknown_task(system: System) -> None:
     task_id = system.delegate(prompt="quick", sync=True)[1]["task_id"]
+    system.wait_final(task_id)
     code, body = cancel(system, task_id)
     assert code == 409 and body["detail"] == {"task_id": task_id, "status": "completed"}
     assert cancel(system, "task_20200101_000000_unknown00")[0] == 404
