@@ -84,6 +84,7 @@ class RawEvent:
     event: str
     data: str
     id: str | None
+    comment: bool = False  # a `:` line, reported only by SSEParser(comments=True)
 
 
 class SSEParser:
@@ -94,10 +95,12 @@ class SSEParser:
     line end); `:` lines are comments; fields are `event`, `data` (repeated lines join with
     LF), `id` (ignored when it holds NUL; persists across events) and `retry`; a blank line
     dispatches; an event with no data is not dispatched; an unfinished event at the end of the
-    stream is dropped.
+    stream is dropped. With `comments`, comment lines (keep-alives) come out too, as
+    `RawEvent(comment=True)`, so a reader can notice time passing on a quiet stream.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, comments: bool = False) -> None:
+        self._comments = comments
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._buffer = ""
         self._started = False
@@ -147,6 +150,8 @@ class SSEParser:
         if line == "":
             return self._dispatch()
         if line.startswith(":"):
+            if self._comments:
+                return RawEvent(event="", data=line[1:].removeprefix(" "), id=self.last_event_id or None, comment=True)
             return None
         name, colon, value = line.partition(":")
         if colon and value.startswith(" "):
@@ -179,6 +184,8 @@ def parse_sse(chunks: Iterable[bytes | str]) -> Iterator[RawEvent]:
 
 
 def _stream_event(raw: RawEvent) -> StreamEvent:
+    if raw.comment:
+        return StreamEvent(kind="keepalive", id=raw.id, data={"comment": raw.data})
     try:
         data = json.loads(raw.data)
     except ValueError:
@@ -301,10 +308,15 @@ class KoubouClient:
             else:
                 time.sleep(poll)
 
-    def stream(self, task_id: str, last_event_id: str | None = None) -> Iterator[StreamEvent]:
+    def stream(
+        self, task_id: str, last_event_id: str | None = None, *, keepalives: bool = False, read_timeout: float | None = None
+    ) -> Iterator[StreamEvent]:
         """`GET /task/<id>/stream`: the task's events as they come (status, delta, done).
 
-        Ends when the server closes the stream (after `done`). `KoubouAPIError` for a 4xx/5xx
+        Ends when the server closes the stream (after `done`). With `keepalives`, the server's
+        `: ping` comments come out too, as `StreamEvent("keepalive", ...)`, so a caller can
+        enforce its own deadline while the task sits in the queue (the server pings every 15 s);
+        `read_timeout` (default: the client's timeout) bounds the silence between two reads. `KoubouAPIError` for a 4xx/5xx
         answer (404: unknown task, or an API without the endpoint), `KoubouUnavailable` when
         the connection fails or stays silent for `timeout` seconds (the server pings).
         """
@@ -313,14 +325,15 @@ class KoubouClient:
             headers["Last-Event-ID"] = last_event_id
         path = f"/task/{_segment(task_id)}/stream"
         try:
-            with self._http.stream("GET", path, headers=headers) as response:
+            timeout = self._timeout(read_timeout) if read_timeout is not None else httpx.USE_CLIENT_DEFAULT
+            with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise _api_error(response)
                 content_type = response.headers.get("content-type", "")
                 if not content_type.startswith("text/event-stream"):
                     raise KoubouAPIError(response.status_code, "invalid answer", f"not an event stream: {content_type!r}")
-                parser = SSEParser()
+                parser = SSEParser(comments=keepalives)
                 for chunk in response.iter_bytes():
                     for raw in parser.feed(chunk):
                         yield _stream_event(raw)
