@@ -3,7 +3,7 @@
 from kombu import Exchange, Queue
 
 from koubou.config import get_settings
-from koubou.constants import DEFAULT_QUEUE, DELEGATE_TASK
+from koubou.constants import DEFAULT_QUEUE, DELEGATE_TASK, QUEUES
 
 _settings = get_settings()
 
@@ -21,7 +21,7 @@ result_accept_content = ["json"]
 task_default_queue = DEFAULT_QUEUE
 task_default_exchange = "koubou"
 task_default_routing_key = DEFAULT_QUEUE
-task_queues = (Queue(DEFAULT_QUEUE, Exchange("koubou", type="direct"), routing_key=DEFAULT_QUEUE),)
+task_queues = tuple(Queue(name, Exchange("koubou", type="direct"), routing_key=name) for name in QUEUES)
 task_routes = {DELEGATE_TASK: {"queue": DEFAULT_QUEUE}}
 event_exchange = "koubou.events"
 control_exchange = "koubou.control"
@@ -48,7 +48,11 @@ worker_prefetch_multiplier = 1
 task_soft_time_limit = _settings.max_task_time
 task_time_limit = _settings.max_task_time + 30
 # Redis redelivers an unacknowledged message after this; it must exceed the longest task.
-broker_transport_options = {"visibility_timeout": _settings.max_task_time * 2 + 60}
+broker_transport_options = {
+    "visibility_timeout": _settings.max_task_time * 2 + 60,
+    # Read the queues in name order, which is priority order (see koubou.constants).
+    "queue_order_strategy": "sorted",
+}
 
 worker_hijack_root_logger = False
 worker_redirect_stdouts = False

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from celery import Celery
 
-from .constants import DEFAULT_QUEUE
+from .constants import QUEUES
 
 
 def _task_id(raw: bytes | str) -> str | None:
@@ -39,7 +39,7 @@ def requeue_unacked(app: Celery, task_ids: Iterable[str]) -> set[str]:
     return requeued
 
 
-def queued_task_ids(app: Celery, queues: Iterable[str] = (DEFAULT_QUEUE,)) -> set[str]:
+def queued_task_ids(app: Celery, queues: Iterable[str] = QUEUES) -> set[str]:
     """Ids of the tasks waiting in the queues (every priority sub-list)."""
     found: set[str] = set()
     with app.connection_for_write() as connection:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, Settings, get_settings
-from .constants import DEFAULT_QUEUE
+from .constants import QUEUES
 
 PIDFILE = "run/koubou.pid"
 
@@ -165,7 +165,7 @@ def cmd_api(_: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
-    argv = ["celery", "-A", "koubou", "worker", "-Q", DEFAULT_QUEUE, "--loglevel=INFO", *args.celery_args]
+    argv = ["celery", "-A", "koubou", "worker", "-Q", ",".join(QUEUES), "--loglevel=INFO", *args.celery_args]
     if settings.worker_id and not any(a.startswith(("-n", "--hostname")) for a in args.celery_args):
         # The seed's WORKER_ID names the node; Celery wants name@host.
         argv += ["-n", settings.worker_id if "@" in settings.worker_id else f"{settings.worker_id}@%h"]

@@ -35,7 +35,21 @@ class WorkerStatus(StrEnum):
 
 # koubou's own names, so another Celery app sharing a Redis never takes its messages.
 DELEGATE_TASK = "koubou.delegate"
-DEFAULT_QUEUE = "koubou.default"
+# Three priority classes. Their names sort in priority order and the broker is read with kombu's
+# 'sorted' strategy, so every worker (also a plain `celery -A koubou worker`) takes the urgent
+# queue first: strict priority, not Celery's emulated priorities (celery#8967).
+URGENT_QUEUE = "koubou.1-urgent"
+NORMAL_QUEUE = "koubou.2-normal"
+LOW_QUEUE = "koubou.3-low"
+QUEUES = (URGENT_QUEUE, NORMAL_QUEUE, LOW_QUEUE)
+DEFAULT_QUEUE = NORMAL_QUEUE
+
+
+def queue_for_priority(priority: int) -> str:
+    """Priority 8-10 is urgent, 4-7 normal, 1-3 low (10 most urgent, as in the original system)."""
+    if priority >= 8:
+        return URGENT_QUEUE
+    return NORMAL_QUEUE if priority >= 4 else LOW_QUEUE
 
 # Redis key the mirror refreshes while it runs; /health reads it.
 MIRROR_ALIVE_KEY = "koubou:mirror:alive"

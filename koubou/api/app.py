@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 from .. import __version__
 from ..celery import app as celery_app
 from ..config import Settings, get_settings
-from ..constants import DEFAULT_QUEUE, DELEGATE_TASK, MIRROR_ALIVE_KEY, TaskStatus, WorkerStatus, cancel_key, idempotency_key
+from ..constants import DELEGATE_TASK, MIRROR_ALIVE_KEY, TaskStatus, WorkerStatus, cancel_key, idempotency_key, queue_for_priority
 from ..db.models import AgentCommunicationRow, TaskRow, WorkerRow
 from ..db.session import make_engine, make_session_factory, utcnow
 from ..jobs import DelegationJob, new_task_id
@@ -304,7 +304,7 @@ def _submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
             DELEGATE_TASK,
             args=[job.model_dump(mode="json")],
             task_id=task_id,
-            queue=DEFAULT_QUEUE,
+            queue=queue_for_priority(body.priority),
             soft_time_limit=timeout + 5,
             time_limit=timeout + TIME_LIMIT_GRACE,
             retry=True,

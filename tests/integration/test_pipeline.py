@@ -408,3 +408,28 @@ def test_live_output_streams_as_server_sent_events_and_resumes(system: System, o
 
 def test_stream_of_an_unknown_task_is_404(system: System) -> None:
     assert http("GET", f"{system.api}/task/task_20200101_000000_nothere0/stream")[0] == 404
+
+
+def test_urgent_tasks_overtake_a_backlog_of_low_ones(system: System, openai_fake: FakeLLMServer) -> None:
+    wait_idle(system)
+    openai_fake.set_latency(1.0)
+    try:
+        def send(prompt: str, priority: int) -> str:
+            return system.delegate(prompt=prompt, priority=priority, options={"model": SLOW_MODEL})[1]["task_id"]
+
+        blockers = [send(f"blocker {i}", 5) for i in range(2)]
+        wait_until(lambda: all(system.status(t)[1]["status"] == "in_progress" for t in blockers), 20)
+        lows = [send(f"low {i}", 1) for i in range(6)]
+        urgent = [send(f"urgent {i}", 10) for i in range(4)]
+        for task_id in blockers + lows + urgent:
+            assert system.wait_final(task_id, timeout=60)["status"] == "completed"
+    finally:
+        openai_fake.set_latency(0)
+    for task_id in lows + urgent:
+        wait_row(system, task_id)
+    started = {r["task_id"]: r["started_at"] for r in system.sql(
+        f"SELECT task_id, started_at FROM task_master WHERE task_id IN ({','.join('?' * 10)})", *lows, *urgent)}  # fmt: skip
+    last_urgent = max(started[t] for t in urgent)
+    overtaken = [t for t in lows if started[t] < last_urgent]
+    # The bound: once urgent work is accepted, at most one low task per worker process starts first.
+    assert len(overtaken) <= 2, (overtaken, started)
