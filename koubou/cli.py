@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import ConfigError, Settings, get_settings
 from .constants import QUEUES
+
+if TYPE_CHECKING:
+    from .client import KoubouClient
 
 PIDFILE = "run/koubou.pid"
 
@@ -255,6 +262,305 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- client commands (talk to a running API through koubou.client) ---------------------------
+
+EXIT_OK, EXIT_FAILED, EXIT_OTHER, EXIT_UNREACHABLE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+#: Extra seconds `delegate --wait` allows past the task's own timeout (queueing) before giving up.
+QUEUE_ALLOWANCE = 120.0
+#: Times a broken or ended-early stream is resumed before falling back to polling.
+STREAM_RESUMES = 3
+FINAL = ("completed", "failed", "cancelled")
+
+
+class _BadInput(Exception):
+    """Input the CLI refuses before asking the API."""
+
+
+def _client_command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a client command: one clear stderr line and an exit code for every error, no traceback."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        from . import cli_output as out
+        from .client import KoubouAPIError, KoubouError, KoubouUnavailable
+
+        try:
+            return func(args)
+        except (_BadInput, ConfigError) as error:
+            out.say(str(error))
+            return EXIT_BAD_INPUT
+        except KoubouUnavailable as error:
+            out.say(f"{error} (is `koubou up` running? KOUBOU_API_URL names the API)")
+            return EXIT_UNREACHABLE
+        except KoubouAPIError as error:
+            out.say(out.api_error_line(error, getattr(args, "task_id", None)))
+            if error.status == 409:
+                return EXIT_OTHER
+            return EXIT_BAD_INPUT if 400 <= error.status < 500 else EXIT_OTHER
+        except KoubouError as error:
+            out.say(str(error))
+            return EXIT_OTHER
+        except KeyboardInterrupt:
+            out.say("interrupted")
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:  # `koubou ... | head`: the reader left; say nothing more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+
+    return run
+
+
+def _client(args: argparse.Namespace) -> KoubouClient:
+    from .client import KoubouClient
+
+    return KoubouClient(url=args.url, token=args.token)
+
+
+def _prompt(value: str) -> str:
+    prompt = sys.stdin.read() if value == "-" else value
+    if not prompt.strip():
+        raise _BadInput("the prompt is empty" + (" (nothing on stdin)" if value == "-" else ""))
+    return prompt
+
+
+def _files(paths: list[str] | None) -> list[str] | None:
+    if not paths:
+        return None
+    for path in paths:
+        if not os.path.isfile(path):
+            raise _BadInput(f"no such file: {path}")
+    return [os.path.abspath(path) for path in paths]
+
+
+@_client_command
+def cmd_delegate(args: argparse.Namespace) -> int:
+    from . import cli_output as out
+
+    prompt, files = _prompt(args.prompt), _files(args.file)
+    with _client(args) as client:
+        answer = client.delegate(
+            prompt, type=args.type, priority=args.priority, model=args.model, timeout=args.timeout,
+            temperature=args.temperature, num_ctx=args.num_ctx, max_tokens=args.max_tokens, files=files,
+        )  # fmt: skip
+        task_id = answer["task_id"]
+        if not args.wait:
+            out.print_json(answer) if args.json else print(task_id, flush=True)
+            return EXIT_OK
+        max_wait = args.max_wait if args.max_wait is not None else (args.timeout or 120.0) + QUEUE_ALLOWANCE
+        out.say(f"task {task_id} delegated")
+        try:
+            followed = _follow(client, task_id, max_wait, show_text=not args.json)
+        except KeyboardInterrupt:
+            out.say(f"interrupted; task {task_id} keeps running (`koubou wait {task_id}`, `koubou cancel {task_id}`)")
+            return EXIT_INTERRUPTED
+        return _final(followed, task_id, args.json, streamed=True)
+
+
+@dataclass
+class _Followed:
+    final: dict[str, Any]
+    shown: str = ""
+    timed_out: bool = False
+
+
+def _follow(client: KoubouClient, task_id: str, max_wait: float, show_text: bool) -> _Followed:
+    """Stream the task's answer to stdout until it is final (or `max_wait` passes).
+
+    A stream that breaks or ends before `done` is resumed after the last delta; the status is
+    polled instead when the API has no stream endpoint (a 404 other than "task not found") or
+    the stream keeps breaking.
+    """
+    from . import cli_output as out
+    from .client import KoubouAPIError, KoubouUnavailable
+
+    deadline = time.monotonic() + max_wait
+    progress = out.Progress(task_id, quiet_while_streaming=show_text and sys.stdout.isatty(), fetch=lambda: client.status(task_id))
+    shown: list[str] = []
+    last_id: str | None = None
+    resumes = 0
+    while resumes <= STREAM_RESUMES:
+        # Reads wait at most until the deadline: a queued task's stream is quiet but for pings.
+        read_timeout = min(client.timeout, max(1.0, deadline - time.monotonic()))
+        try:
+            for event in client.stream(task_id, last_event_id=last_id, keepalives=True, read_timeout=read_timeout):
+                if event.kind == "status":
+                    progress.changed(event.data.get("status"))
+                elif event.kind == "delta":
+                    text = str(event.data.get("text", ""))
+                    last_id = event.id or last_id
+                    if show_text and text:
+                        out.write_answer(text)
+                        shown.append(text)
+                    progress.delta()
+                elif event.kind == "done":
+                    progress.finished(event.data)
+                    return _Followed(event.data, "".join(shown))
+                else:
+                    progress.tick()
+                if time.monotonic() >= deadline:
+                    return _Followed(client.status(task_id), "".join(shown), timed_out=True)
+        except KoubouAPIError as error:
+            if error.status == 404 and error.error != "task not found":
+                break  # an API without the stream endpoint: poll instead
+            raise
+        except KoubouUnavailable:
+            if time.monotonic() >= deadline:
+                return _Followed(client.status(task_id), "".join(shown), timed_out=True)
+        resumes += 1  # the stream broke or ended before `done`: resume after the last delta
+        time.sleep(min(0.5 * resumes, max(0.0, deadline - time.monotonic())))
+    final = client.wait(task_id, max_wait=max(0.0, deadline - time.monotonic()), on_progress=progress.polled)
+    if final.get("status") in FINAL:
+        progress.finished(final)
+    return _Followed(final, "".join(shown), timed_out=final.get("status") not in FINAL)
+
+
+def _final(followed: _Followed, task_id: str, as_json: bool, streamed: bool) -> int:
+    """Print what is left of the answer (or the JSON) and map the task's end to an exit code."""
+    from . import cli_output as out
+
+    final, status = followed.final, followed.final.get("status")
+    if as_json:
+        out.print_json(final)
+    if followed.timed_out or status not in FINAL:
+        out.say(f"task {task_id} is still {status}; `koubou wait {task_id}` waits for it, `koubou cancel {task_id}` stops it")
+        return EXIT_OTHER
+    if status == "completed":
+        if not as_json:
+            answer = str((final.get("result") or {}).get("output") or "")
+            if answer.startswith(followed.shown):
+                out.write_answer(answer[len(followed.shown) :])
+            elif streamed:
+                out.say(f"the streamed text differs from the final answer (a retried call?); `koubou status {task_id}` shows it")
+            out.end_answer(followed.shown or answer)
+        return EXIT_OK
+    if status == "failed":
+        out.say(f"task {task_id} failed: {out.result_error(final)}")
+        return EXIT_FAILED
+    out.say(f"task {task_id} was cancelled")
+    return EXIT_OTHER
+
+
+@_client_command
+def cmd_wait(args: argparse.Namespace) -> int:
+    from . import cli_output as out
+
+    with _client(args) as client:
+        progress = out.Progress(args.task_id)
+        try:
+            final = client.wait(args.task_id, max_wait=args.max_wait, on_progress=progress.polled)
+        except KeyboardInterrupt:
+            out.say(f"interrupted; task {args.task_id} keeps running (`koubou wait {args.task_id}` again)")
+            return EXIT_INTERRUPTED
+    if final.get("status") in FINAL:
+        progress.finished(final)
+    followed = _Followed(final, timed_out=final.get("status") not in FINAL)
+    return _final(followed, args.task_id, args.json, streamed=False)
+
+
+@_client_command
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import cli_output as out
+
+    with _client(args) as client:
+        status = client.status(args.task_id)
+    out.print_json(status) if args.json else print(out.task_details(status), flush=True)
+    return EXIT_OK
+
+
+@_client_command
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from . import cli_output as out
+
+    with _client(args) as client:
+        answer = client.cancel(args.task_id)
+    if args.json:
+        out.print_json(answer)
+    else:
+        print(f"task {answer.get('task_id', args.task_id)} {answer.get('status')}", flush=True)
+    return EXIT_OK
+
+
+@_client_command
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from . import cli_output as out
+
+    with _client(args) as client:
+        tasks = client.tasks(status=args.status, limit=args.limit)
+    out.print_json(tasks) if args.json else print(out.tasks_table(tasks), flush=True)
+    return EXIT_OK
+
+
+@_client_command
+def cmd_workers(args: argparse.Namespace) -> int:
+    from . import cli_output as out
+
+    with _client(args) as client:
+        workers = client.workers()
+    out.print_json(workers) if args.json else print(out.workers_table(workers), flush=True)
+    return EXIT_OK
+
+
+@_client_command
+def cmd_backends(args: argparse.Namespace) -> int:
+    from . import cli_output as out
+
+    with _client(args) as client:
+        backends = client.backends()
+    out.print_json(backends) if args.json else print(out.backends_table(backends), flush=True)
+    return EXIT_OK
+
+
+def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="the API (default: KOUBOU_API_URL, else KOUBOU_API_HOST/PORT)")
+    common.add_argument("--token", help="bearer token (default: KOUBOU_API_TOKEN)")
+    common.add_argument("--json", action="store_true", help="print the API's JSON on stdout")
+
+    delegate = sub.add_parser("delegate", parents=[common], help="delegate a prompt; prints the task id, or with --wait the answer")
+    delegate.add_argument("prompt", help="the prompt; - reads it from stdin")
+    delegate.add_argument("--type", choices=("general", "code"), default="general")
+    delegate.add_argument("--file", action="append", metavar="F", help="a file for the task (repeatable; the API refuses files for now)")
+    delegate.add_argument("--priority", type=int, default=5, metavar="N", help="1-10, 10 most urgent (default 5)")
+    delegate.add_argument("--model", metavar="M", help="model (default: the system's KOUBOU_DEFAULT_MODEL)")
+    delegate.add_argument("--timeout", type=float, metavar="S", help="seconds the task may take (default 120)")
+    delegate.add_argument("--temperature", type=float)
+    delegate.add_argument("--num-ctx", type=int, metavar="N", help="context window")
+    delegate.add_argument("--max-tokens", type=int, metavar="N", help="longest answer, in tokens")
+    delegate.add_argument("--wait", action="store_true", help="stream the answer to stdout as it is generated; progress on stderr")
+    delegate.add_argument("--max-wait", type=float, metavar="S", help="with --wait: stop waiting after S seconds (default: timeout + 120)")
+    delegate.set_defaults(func=cmd_delegate)
+
+    status = sub.add_parser("status", parents=[common], help="show a task")
+    status.add_argument("task_id", metavar="ID")
+    status.set_defaults(func=cmd_status)
+    wait = sub.add_parser("wait", parents=[common], help="wait for a task, then print its answer (Ctrl-C leaves it running)")
+    wait.add_argument("task_id", metavar="ID")
+    wait.add_argument("--max-wait", type=float, metavar="S", help="stop waiting after S seconds (default: until the task is final)")
+    wait.set_defaults(func=cmd_wait)
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a queued or running task")
+    cancel.add_argument("task_id", metavar="ID")
+    cancel.set_defaults(func=cmd_cancel)
+    tasks = sub.add_parser("tasks", parents=[common], help="list recent tasks, newest first")
+    tasks.add_argument("--status", choices=("pending", "in_progress", *FINAL))
+    tasks.add_argument("--limit", type=int, default=20, metavar="N", help="1-200 (default 20)")
+    tasks.set_defaults(func=cmd_tasks)
+    sub.add_parser("workers", parents=[common], help="list workers").set_defaults(func=cmd_workers)
+    sub.add_parser("backends", parents=[common], help="list LLM backends and their models").set_defaults(func=cmd_backends)
+    for name in ("delegate", "status", "wait", "cancel", "tasks", "workers", "backends"):
+        _bad_input_on_usage_error(sub.choices[name])
+
+
+def _bad_input_on_usage_error(parser: argparse.ArgumentParser) -> None:
+    """Usage errors of the client commands exit 4 (bad input), like the input the API refuses."""
+
+    def error(message: str) -> NoReturn:
+        parser.print_usage(sys.stderr)
+        parser.exit(EXIT_BAD_INPUT, f"{parser.prog}: error: {message}\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.set_defaults(usage_parser=parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="koubou", description="Delegate LLM work to local models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -285,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--http", action="store_true", help="serve streamable HTTP at http://127.0.0.1:PORT/mcp instead of stdio")
     mcp.add_argument("--port", type=int, default=None, help="port for --http (default KOUBOU_MCP_PORT, 8766)")
     mcp.set_defaults(func=cmd_mcp)
+    _add_client_commands(sub)
     return parser
 
 
@@ -293,6 +600,6 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # worker and flower hand unknown options (e.g. --autoscale=4,1) on to Celery.
     if extra and not getattr(args, "passthrough", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        (getattr(args, "usage_parser", None) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     args.celery_args = extra
     return int(args.func(args) or 0)
