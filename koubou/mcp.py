@@ -149,7 +149,7 @@ def _progress(state: dict[str, Any]) -> dict[str, Any]:
     return progress if isinstance(progress, dict) else {}
 
 
-def _progress_message(state: dict[str, Any], waited: float) -> str:
+def _progress_message(state: dict[str, Any], waited: float | None) -> str:
     progress = _progress(state)
     parts = [str(state.get("status", "?"))]
     tokens = progress.get("tokens")
@@ -160,7 +160,8 @@ def _progress_message(state: dict[str, Any], waited: float) -> str:
             parts.append(f"{rate:.1f} tok/s")
     if progress.get("running_ms") is not None and state.get("status") == "in_progress":
         parts.append(f"running {progress['running_ms'] / 1000:.1f} s")
-    parts.append(f"waited {waited:.1f} s")
+    if waited is not None:
+        parts.append(f"waited {waited:.1f} s")
     return ", ".join(parts)
 
 
@@ -203,10 +204,10 @@ def _state_result(state: dict[str, Any], waited: float | None = None, note: str 
     elif status == "cancelled":
         text = f"Task {task_id} was cancelled."
     else:
-        how_long = f" after waiting {waited:.0f} s{note}" if waited is not None else ""
+        how_long = f" after waiting {waited:.1f} s{note}" if waited is not None else ""
         text = (
-            f"Task {task_id} is {status}{how_long} ({_progress_message(state, waited or 0.0)}). Not finished yet: "
-            f'call wait(task_id="{task_id}") again to keep waiting, or cancel(task_id="{task_id}").'
+            f"Task {task_id} is not finished yet{how_long}: {_progress_message(state, None)}. "
+            f'Call wait(task_id="{task_id}") again to keep waiting, or cancel(task_id="{task_id}").'
         )
     return _text_result(text, data)
 
