@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from .client import KoubouAPIError, KoubouError, format_detail
+from .client import FINAL_STATUSES, KoubouAPIError, KoubouError, format_detail
 
 
 def say(message: str) -> None:
@@ -79,7 +79,8 @@ class Progress:
     def changed(self, status: str | None) -> None:
         if status and status != self.status:
             self.status = status
-            self._line(f"task {self.task_id} {status}")
+            if status not in FINAL_STATUSES:  # the end gets its own line, from finished()
+                self._line(f"task {self.task_id} {status}")
 
     def delta(self) -> None:
         self.pieces += 1
@@ -110,6 +111,9 @@ class Progress:
         self.tick(progress.get("tokens"), progress.get("tokens_per_second"))
 
     def finished(self, final: dict[str, Any]) -> None:
+        """A summary line for a completed task (a failed or cancelled one gets its error line instead)."""
+        if final.get("status") != "completed":
+            return
         result = final.get("result") or {}
         parts = [f"task {self.task_id} {final.get('status')}"]
         if result.get("model"):
