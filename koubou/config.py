@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     ollama_host: str = Field(OLLAMA_DEFAULT_HOST, validation_alias="OLLAMA_HOST")
     openai_api_base: str | None = Field(None, validation_alias="OPENAI_API_BASE")
     openai_api_key: str | None = Field(None, validation_alias="OPENAI_API_KEY")
+    # How many requests each backend serves at once (its parallel capacity), enforced cluster-wide.
+    ollama_slots_setting: int | None = Field(None, ge=1, le=1024, validation_alias="KOUBOU_OLLAMA_SLOTS")
+    ollama_num_parallel: int | None = Field(None, ge=1, le=1024, validation_alias="OLLAMA_NUM_PARALLEL")
+    openai_slots: int = Field(4, ge=1, le=1024, validation_alias="KOUBOU_OPENAI_SLOTS")
     default_model: str = Field("gpt-oss:20b", min_length=1, validation_alias="KOUBOU_DEFAULT_MODEL")
     worker_id: str | None = Field(None, validation_alias="WORKER_ID")
     worker_autoscale: str = Field("4,1", validation_alias="KOUBOU_WORKER_AUTOSCALE")
@@ -127,6 +131,11 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.database_url_setting or f"sqlite:///{self.home_dir / 'db' / 'koubou.db'}"
+
+    @property
+    def ollama_slots(self) -> int:
+        """KOUBOU_OLLAMA_SLOTS, else Ollama's own OLLAMA_NUM_PARALLEL, else 1 (Ollama's default)."""
+        return self.ollama_slots_setting or self.ollama_num_parallel or 1
 
     @property
     def ollama_configured(self) -> bool:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from .backends.base import (
@@ -23,6 +24,7 @@ from .backends.base import (
 from .jobs import DelegationFailed, DelegationJob, Outcome
 from .results import CANCELLED
 from .routing import Router
+from .slots import SlotLeases
 
 #: Seconds between two looks at the cancel flag while tokens stream in.
 CANCEL_CHECK_INTERVAL = 0.25
@@ -68,6 +70,7 @@ class Delegation:
         is_cancelled: Callable[[], bool] = lambda: False,
         sleep: Callable[[float], None] = time.sleep,
         on_text: Callable[[str], None] | None = None,
+        leases: SlotLeases | None = None,
     ) -> None:
         self.job = job
         self.router = router
@@ -76,6 +79,7 @@ class Delegation:
         self.is_cancelled = is_cancelled
         self.sleep = sleep
         self.on_text = on_text
+        self.leases = leases
         self.attempts: list[Attempt] = []
         self.started = time.monotonic()
         self.deadline = self.started + job.timeout
@@ -109,26 +113,67 @@ class Delegation:
                 continue
             if not candidates:
                 raise self._failure_from(self._last_error()) from None
-            backend, model = candidates[0]
+            try:
+                backend, model, lease = self._reserve(candidates)
+            except BackendTimeout as error:
+                self._record(None, error, 0.0)
+                raise self._failure_from(error) from None
             began = time.monotonic()
             try:
                 answer = backend.chat(self._request(model), on_delta=self._on_delta)
             except BackendError as error:
-                self._record(backend, error, began)
-                if isinstance(error, BackendUnavailable):
-                    self.router.forget(backend)
-                if not error.transient:
-                    raise self._failure_from(error) from None
-                done = retries.get(backend.name, 0)
-                if done >= self.policy.max_retries:
-                    exhausted.add(backend.name)  # fall back to the next backend serving the model
-                    continue
-                if not self._wait_before_retry(done):
-                    raise self._failure_from(error) from None
-                retries[backend.name] = done + 1
+                failure: BackendError | None = error
+            else:
+                failure = None
+            finally:
+                self._release(backend, lease)  # before any backoff: others may use the slot meanwhile
+            if failure is None:
+                self.attempts.append(Attempt(backend.name, True, duration_ms=_ms_since(began)))
+                return self._success(backend, answer)
+            self._record(backend, failure, began)
+            if isinstance(failure, BackendUnavailable):
+                self.router.forget(backend)
+            if not failure.transient:
+                raise self._failure_from(failure) from None
+            done = retries.get(backend.name, 0)
+            if done >= self.policy.max_retries:
+                exhausted.add(backend.name)  # fall back to the next backend serving the model
                 continue
-            self.attempts.append(Attempt(backend.name, True, duration_ms=_ms_since(began)))
-            return self._success(backend, answer)
+            if not self._wait_before_retry(done):
+                raise self._failure_from(failure) from None
+            retries[backend.name] = done + 1
+
+    def _reserve(self, candidates: list[tuple[Backend, str]]) -> tuple[Backend, str, str | None]:
+        """Wait for a free slot on one of the candidates, least busy first; the lease id with it."""
+        if self.leases is None:
+            return (*candidates[0], None)
+        delay = 0.02
+        while True:
+            try:
+                ordered = sorted(candidates, key=lambda c: self.leases.in_use(c[0].name))  # type: ignore[union-attr]
+                for backend, model in ordered:
+                    slots = self.router.slots_of(backend)
+                    if slots is None:
+                        return backend, model, None
+                    hold_for = max(1.0, self.deadline - time.monotonic())
+                    lease = self.leases.acquire(backend.name, slots, hold_for)
+                    if lease is not None:
+                        return backend, model, lease
+            except redis.RedisError:
+                return (*candidates[0], None)  # no lease book to keep: better late than lost
+            if time.monotonic() + delay >= self.deadline:
+                names = ", ".join(backend.name for backend, _ in candidates)
+                raise BackendTimeout(f"timed out waiting for a free slot on {names}")
+            self._check_cancel(force=True)
+            self.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    def _release(self, backend: Backend, lease: str | None) -> None:
+        if lease is not None and self.leases is not None:
+            try:
+                self.leases.release(backend.name, lease)
+            except redis.RedisError:
+                pass  # the lease expires on its own
 
     def _request(self, model: str) -> ChatRequest:
         remaining = self.deadline - time.monotonic()

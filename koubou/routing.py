@@ -28,12 +28,16 @@ class BackendState:
     checked_at: float
 
 
-def build_backends(settings: Settings) -> list[Backend]:
-    """The backends the settings describe: Ollama always, the OpenAI-compatible server when set."""
-    backends: list[Backend] = [OllamaBackend(settings.ollama_host)]
+def build_router(settings: Settings) -> Router:
+    """The backends the settings describe (Ollama always, the OpenAI-compatible server when set)."""
+    ollama = OllamaBackend(settings.ollama_host)
+    backends: list[Backend] = [ollama]
+    slots = {ollama.name: settings.ollama_slots}
     if settings.openai_api_base:
-        backends.append(OpenAIBackend(settings.openai_api_base, api_key=settings.openai_api_key))
-    return backends
+        openai = OpenAIBackend(settings.openai_api_base, api_key=settings.openai_api_key)
+        backends.append(openai)
+        slots[openai.name] = settings.openai_slots
+    return Router(backends, slots)
 
 
 def model_matches(requested: str, served: str) -> bool:
@@ -44,8 +48,9 @@ def model_matches(requested: str, served: str) -> bool:
 class Router:
     """Picks the backend for a model from cached model lists."""
 
-    def __init__(self, backends: list[Backend]) -> None:
+    def __init__(self, backends: list[Backend], slots: dict[str, int] | None = None) -> None:
         self.backends = backends
+        self.slots = slots or {}
         self._states: dict[str, BackendState] = {}
         self._lock = threading.Lock()
 
@@ -71,6 +76,10 @@ class Router:
 
     def states(self, timeout: float = 3.0, max_age: float = MODELS_TTL) -> list[BackendState]:
         return [self.state(backend, timeout, max_age=max_age) for backend in self.backends]
+
+    def slots_of(self, backend: Backend) -> int | None:
+        """The backend's parallel capacity; None when unlimited."""
+        return self.slots.get(backend.name)
 
     def forget(self, backend: Backend) -> None:
         """Drop what is known of a backend (it just failed), so the next pick asks it again."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import redis
 
 from .config import OLLAMA_DEFAULT_HOST, Settings
-from .demo import DEMO_MODEL_NAME
+from .demo import DEMO_MODEL_NAME, DEMO_SLOTS
 
 log = logging.getLogger("koubou.up")
 
@@ -153,6 +153,7 @@ def plan_services(settings: Settings, python: str = sys.executable) -> tuple[lis
         env["OPENAI_API_BASE"] = f"{demo_url}/v1"
         if "KOUBOU_DEFAULT_MODEL" not in env:
             env["KOUBOU_DEFAULT_MODEL"] = DEMO_MODEL_NAME
+        env.setdefault("KOUBOU_OPENAI_SLOTS", str(DEMO_SLOTS))
     api_url = f"http://{_client_host(settings.api_host)}:{settings.api_port}"
     services += [
         Service("mirror", [python, "-m", "koubou", "mirror"], logs / "system" / "mirror.log"),

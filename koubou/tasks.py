@@ -10,7 +10,8 @@ from .config import get_settings
 from .constants import DELEGATE_TASK, cancel_key
 from .delegation import Delegation, RetryPolicy
 from .jobs import DelegationJob
-from .routing import Router, build_backends
+from .routing import Router, build_router
+from .slots import SlotLeases
 from .streaming import TokenPublisher
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 @lru_cache(maxsize=1)
 def get_router() -> Router:
     """One router per worker process, so model lists are cached across tasks."""
-    return Router(build_backends(get_settings()))
+    return build_router(get_settings())
 
 
 def retry_policy() -> RetryPolicy:
@@ -48,6 +49,7 @@ def delegate(self, job: dict) -> dict:  # type: ignore[no-untyped-def]
         self.request.hostname,
         is_cancelled=lambda: cancel_requested(parsed.task_id),
         on_text=publish,
+        leases=SlotLeases(app.backend.client),
     )
     try:
         return delegation.run().model_dump()

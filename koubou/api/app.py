@@ -24,12 +24,13 @@ from werkzeug.exceptions import HTTPException
 from .. import __version__
 from ..celery import app as celery_app
 from ..config import Settings, get_settings
-from ..constants import DELEGATE_TASK, MIRROR_ALIVE_KEY, TaskStatus, WorkerStatus, cancel_key, idempotency_key, queue_for_priority
+from ..constants import DELEGATE_TASK, QUEUES, MIRROR_ALIVE_KEY, TaskStatus, WorkerStatus, cancel_key, idempotency_key, queue_for_priority
 from ..db.models import AgentCommunicationRow, TaskRow, WorkerRow
 from ..db.session import make_engine, make_session_factory, utcnow
 from ..jobs import DelegationJob, new_task_id
 from ..results import CANCELLED, BackendView, view_from_meta
-from ..routing import Router, build_backends
+from ..routing import Router, build_router
+from ..slots import SlotLeases
 from ..streaming import event_stream, read_progress
 from . import auth
 from .schemas import (
@@ -91,7 +92,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings,
         celery=celery_app,
         sessions=make_session_factory(make_engine(settings.database_url)),
-        router=Router(build_backends(settings)),
+        router=build_router(settings),
         redis=redis.Redis.from_url(settings.broker, socket_timeout=2, socket_connect_timeout=2),
     )
     app = Flask("koubou")
@@ -173,7 +174,8 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
         """A task's state, result and timestamps."""
         return jsonify(_status(ctx, task_id).model_dump(mode="json"))
 
-    @spec.validate(resp=SpecResponse(HTTP_200=None, HTTP_404=ErrorResponse), skip_validation=True)
+    # No @spec.validate here: spectree reads the whole response to check it, which would hold
+    # every event back until the task ends. The route is documented in the README instead.
     def task_stream(task_id: str) -> Response:
         """Server-sent events: `status` on each change, `delta` (the model's text as it streams), `done`.
 
@@ -236,7 +238,8 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
     @spec.validate(resp=SpecResponse(HTTP_200=BackendListResponse), skip_validation=True)
     def list_backends() -> Response:
         """Each LLM backend: reachable or not, and its models."""
-        return jsonify(BackendListResponse(backends=_backends(ctx)).model_dump(mode="json"))
+        answer = BackendListResponse(backends=_backends(ctx), queues=_queue_depths(ctx))
+        return jsonify(answer.model_dump(mode="json"))
 
     @app.get("/health")
     @spec.validate(resp=SpecResponse(HTTP_200=HealthResponse, HTTP_503=HealthResponse), skip_validation=True)
@@ -473,14 +476,34 @@ def _health(ctx: ApiContext) -> HealthResponse:
     backends = _backends(ctx)
     required = ("broker", "database", "workers")
     ok = all(components[name].ok for name in required)
-    return HealthResponse(status="ok" if ok else "degraded", components=components, backends=backends, workers=workers)
+    return HealthResponse(
+        status="ok" if ok else "degraded", components=components, backends=backends,
+        queues=_queue_depths(ctx), workers=workers,
+    )  # fmt: skip
 
 
 def _backends(ctx: ApiContext) -> list[BackendHealth]:
-    return [
-        BackendHealth(name=s.name, kind=s.kind, url=s.url, reachable=s.reachable, models=list(s.models), error=s.error)
-        for s in ctx.router.states(timeout=1.0, max_age=HEALTH_MAX_AGE)
-    ]
+    leases = SlotLeases(ctx.celery.backend.client)
+    answer = []
+    for backend, state in zip(ctx.router.backends, ctx.router.states(timeout=1.0, max_age=HEALTH_MAX_AGE)):
+        try:
+            in_use: int | None = leases.in_use(backend.name)
+        except redis.RedisError:
+            in_use = None
+        answer.append(
+            BackendHealth(
+                name=state.name, kind=state.kind, url=state.url, reachable=state.reachable, models=list(state.models),
+                error=state.error, slots=ctx.router.slots_of(backend), in_use=in_use,
+            )  # fmt: skip
+        )
+    return answer
+
+
+def _queue_depths(ctx: ApiContext) -> dict[str, int]:
+    try:
+        return {queue: int(ctx.redis.llen(queue)) for queue in QUEUES}
+    except redis.RedisError:
+        return {}
 
 
 def _answering_workers(ctx: ApiContext, expected: int) -> set[str]:

@@ -107,12 +107,15 @@ class BackendHealth(BaseModel):
     reachable: bool
     models: list[str]
     error: str | None = None
+    slots: int | None = Field(None, description="Requests it serves at once (koubou never sends more).")
+    in_use: int | None = Field(None, description="Slots leased right now, across every worker.")
 
 
 class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"]
     components: dict[str, ComponentHealth]
     backends: list[BackendHealth]
+    queues: dict[str, int]
     workers: list[str]
 
 
@@ -145,6 +148,7 @@ class WorkerListResponse(BaseModel):
 
 class BackendListResponse(BaseModel):
     backends: list[BackendHealth]
+    queues: dict[str, int] = Field(description="Tasks waiting in each priority queue.")
 
 
 class ErrorResponse(BaseModel):

@@ -41,6 +41,7 @@ def system(
         # Two worker processes, fixed, so tests can fill the pool on purpose.
         KOUBOU_WORKER_AUTOSCALE="2,2",
         KOUBOU_RETRY_BASE_DELAY="0.2",
+        KOUBOU_OLLAMA_SLOTS="2",
     ).start()
     try:
         yield running

@@ -56,11 +56,6 @@ def test_prompt_from_stdin_and_json(system: System) -> None:
     assert final["status"] == "completed" and final["result"]["output"] == answer("fake-model:1b", prompt)
 
 
-@pytest.mark.xfail(
-    reason="the API buffers the whole event stream: spectree's validate_response calls get_data() on the "
-    "streaming Response of GET /task/<id>/stream (koubou/api/app.py); passes once that route is not wrapped by spec.validate",
-    strict=False,
-)
 def test_the_answer_streams_while_it_is_generated(system: System, openai_fake: FakeLLMServer) -> None:
     prompt = "one two three four five six seven eight nine ten"
     openai_fake.set_latency(2.0)

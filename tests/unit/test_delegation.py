@@ -4,6 +4,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import fakeredis
 import pytest
 
 from koubou.backends.ollama import OllamaBackend
@@ -11,6 +12,7 @@ from koubou.backends.openai import OpenAIBackend
 from koubou.delegation import Delegation, RetryPolicy
 from koubou.jobs import DelegationFailed, DelegationJob
 from koubou.routing import Router
+from koubou.slots import SlotLeases
 from tests.fakes.llm_server import FakeLLMServer, fake_answer
 from tests.harness import free_port
 
@@ -111,3 +113,31 @@ def test_cancel_stops_a_streaming_call(first: FakeLLMServer) -> None:
 def test_a_task_cancelled_before_it_starts_never_calls_a_backend(first: FakeLLMServer) -> None:
     outcome = failure(Delegation(job(), Router([OllamaBackend(first.url)]), FAST, is_cancelled=lambda: True))
     assert outcome["error_type"] == "Cancelled" and chats(first) == 0
+
+
+def test_it_waits_for_a_free_slot_held_elsewhere(first: FakeLLMServer) -> None:
+    leases = SlotLeases(fakeredis.FakeRedis())
+    backend = OllamaBackend(first.url)
+    held = leases.acquire(backend.name, 1, 60)  # another worker's call
+    assert held
+    threading.Timer(0.5, leases.release, args=(backend.name, held)).start()
+    began = time.monotonic()
+    outcome = Delegation(job(), Router([backend], {backend.name: 1}), FAST, leases=leases).run()
+    assert outcome.success and time.monotonic() - began >= 0.45
+    assert leases.in_use(backend.name) == 0  # given back after the call
+
+
+def test_no_free_slot_before_the_deadline_fails_saying_so(first: FakeLLMServer) -> None:
+    leases = SlotLeases(fakeredis.FakeRedis())
+    backend = OllamaBackend(first.url)
+    assert leases.acquire(backend.name, 1, 60)
+    outcome = failure(Delegation(job(timeout=1.0), Router([backend], {backend.name: 1}), FAST, leases=leases))
+    assert "free slot" in outcome["error"] and chats(first) == 0
+
+
+def test_the_least_busy_backend_serving_the_model_is_chosen(first: FakeLLMServer, second: FakeLLMServer) -> None:
+    leases = SlotLeases(fakeredis.FakeRedis())
+    one, two = OllamaBackend(first.url), OpenAIBackend(f"{second.url}/v1")
+    assert leases.acquire(one.name, 4, 60)  # the first backend is busier
+    outcome = Delegation(job(), Router([one, two], {one.name: 4, two.name: 4}), FAST, leases=leases).run()
+    assert outcome.backend == two.name

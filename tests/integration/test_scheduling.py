@@ -1,0 +1,41 @@
+"""Backend capacity: slots are enforced cluster-wide, so a backend never sees more than it serves."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.fakes.llm_server import FakeLLMServer
+from tests.harness import clean_env, make_system
+from tests.integration.test_pipeline import wait_until
+
+
+def test_two_workers_never_send_a_backend_more_than_its_slots(tmp_path: Path) -> None:
+    # The fake answers 503 past 2 requests at once, as Ollama does past its queue.
+    with FakeLLMServer(models=("fake-model:1b",), slots=2, latency=0.4) as fake:
+        (tmp_path / "home").mkdir()
+        system = make_system(tmp_path / "home", OLLAMA_HOST=fake.url, KOUBOU_DEFAULT_MODEL="fake-model:1b",
+                             KOUBOU_OLLAMA_SLOTS="2", KOUBOU_WORKER_AUTOSCALE="3,3").start()  # fmt: skip
+        env = clean_env(KOUBOU_BROKER_URL=f"redis://127.0.0.1:{system.redis_port}/0", OLLAMA_HOST=fake.url,
+                        KOUBOU_OLLAMA_SLOTS="2", KOUBOU_HOME=str(tmp_path / "second"))  # fmt: skip
+        with open(tmp_path / "second.log", "wb") as log:
+            second = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "koubou", "worker", "-n", "second@%h", "-c", "3"],
+                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            wait_until(lambda: any(r["worker_id"].startswith("second@") for r in system.sql("SELECT worker_id FROM workers")), 60)
+            ids = [system.delegate(prompt=f"capacity {i}", options={"timeout": 60})[1]["task_id"] for i in range(16)]
+            finals = [system.wait_final(task_id, timeout=90) for task_id in ids]
+        finally:
+            os.killpg(second.pid, signal.SIGTERM)
+            second.wait(timeout=30)
+            survivors = system.stop()
+        assert not survivors
+        assert all(final["status"] == "completed" for final in finals), finals
+        assert fake.peak_concurrency == 2  # six worker processes, two slots: never more, and used in full
+        busy = [a for final in finals for a in final["result"]["attempts"] if a["error_type"] == "BackendBusy"]
+        assert not busy, "the backend answered 503: koubou sent it more than its slots"
+        workers = {final["result"]["worker"].split("@")[0] for final in finals}
+        assert workers == {"celery", "second"}, workers  # both machines took part

@@ -1,0 +1,39 @@
+from concurrent.futures import ThreadPoolExecutor
+
+import fakeredis
+
+from koubou.slots import LEASE_MARGIN, SlotLeases
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_no_more_leases_than_slots_and_release_frees_one() -> None:
+    leases = SlotLeases(fakeredis.FakeRedis())
+    first, second = leases.acquire("ollama@a", 2, 60), leases.acquire("ollama@a", 2, 60)
+    assert first and second and first != second
+    assert leases.acquire("ollama@a", 2, 60) is None
+    assert leases.in_use("ollama@a") == 2 and leases.in_use("openai@b") == 0
+    leases.release("ollama@a", first)
+    assert leases.acquire("ollama@a", 2, 60) is not None
+
+
+def test_a_dead_workers_lease_expires() -> None:
+    clock = Clock()
+    leases = SlotLeases(fakeredis.FakeRedis(), clock=clock)
+    assert leases.acquire("b", 1, hold_for=10)  # its worker dies holding it
+    assert leases.acquire("b", 1, hold_for=10) is None
+    clock.now += 10 + LEASE_MARGIN + 1
+    assert leases.acquire("b", 1, hold_for=10) is not None
+
+
+def test_concurrent_acquirers_never_exceed_the_slots() -> None:
+    server = fakeredis.FakeServer()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        got = list(pool.map(lambda _: SlotLeases(fakeredis.FakeRedis(server=server)).acquire("b", 3, 60), range(64)))
+    assert sum(lease is not None for lease in got) == 3
