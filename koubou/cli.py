@@ -79,7 +79,8 @@ def _print_summary(settings: Settings, env: dict[str, str]) -> None:
     lines = [
         "koubou is up:",
         f"  API       http://{host}:{settings.api_port}  (POST /task/delegate, GET /task/<id>/status, GET /health)",
-        f"  Flower    http://127.0.0.1:{settings.flower_port}",
+        f"  Flower    http://127.0.0.1:{settings.flower_port}  (login: "
+        + ("KOUBOU_FLOWER_AUTH" if settings.flower_auth_setting else str(settings.flower_auth_file)) + ")",
         f"  broker    {settings.broker}" + ("  (embedded valkey, data in redis/)" if settings.uses_embedded_broker else ""),
         f"  database  {settings.database_url}",
         f"  Ollama    {settings.ollama_host}",
@@ -183,6 +184,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_flower(args: argparse.Namespace) -> int:
     settings = _settings()
+    # Through Flower's own environment variable, so the password shows in no process list or log.
+    os.environ["FLOWER_BASIC_AUTH"] = settings.flower_auth()
     return _celery(["celery", "-A", "koubou", "flower", f"--port={settings.flower_port}", "--address=127.0.0.1", *args.celery_args])
 
 

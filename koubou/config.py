@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from functools import lru_cache
 from pathlib import Path
 from collections.abc import Mapping
@@ -44,6 +45,7 @@ class Settings(BaseSettings):
     api_port: Port = Field(8765, validation_alias="KOUBOU_API_PORT")
     api_threads: int = Field(128, ge=1, le=4096, validation_alias="KOUBOU_API_THREADS")
     flower_port: Port = Field(5555, validation_alias="KOUBOU_FLOWER_PORT")
+    flower_auth_setting: str | None = Field(None, validation_alias="KOUBOU_FLOWER_AUTH")
     redis_port: Port = Field(6380, validation_alias="KOUBOU_REDIS_PORT")
     ollama_host: str = Field(OLLAMA_DEFAULT_HOST, validation_alias="OLLAMA_HOST")
     openai_api_base: str | None = Field(None, validation_alias="OPENAI_API_BASE")
@@ -95,6 +97,13 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis:// or rediss:// URL")
         return value.strip()
 
+    @field_validator("flower_auth_setting")
+    @classmethod
+    def _user_password(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^:\s]+:\S+", value):
+            raise ValueError("must be user:password")
+        return value
+
     @field_validator("worker_autoscale")
     @classmethod
     def _autoscale(cls, value: str) -> str:
@@ -114,6 +123,22 @@ class Settings(BaseSettings):
             return self.api_url_setting.rstrip("/")
         host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::", "") else self.api_host
         return f"http://{host}:{self.api_port}"
+
+    @property
+    def flower_auth_file(self) -> Path:
+        return self.home_dir / "config" / "flower-auth"
+
+    def flower_auth(self) -> str:
+        """Flower's `user:password`: KOUBOU_FLOWER_AUTH, else one generated once and kept (mode 600)."""
+        if self.flower_auth_setting:
+            return self.flower_auth_setting
+        path = self.flower_auth_file
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"koubou:{secrets.token_urlsafe(18)}\n")
+        return path.read_text().strip()
 
     @property
     def uses_embedded_broker(self) -> bool:

@@ -306,6 +306,9 @@ def _submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
         ctx.celery.send_task(
             DELEGATE_TASK,
             args=[job.model_dump(mode="json")],
+            # What Flower shows: readable, with the prompt abbreviated.
+            argsrepr=f"{body.type.value} model={job.model} prompt={_abbreviate(body.prompt)!r}",
+            kwargsrepr="{}",
             task_id=task_id,
             queue=queue_for_priority(body.priority),
             soft_time_limit=timeout + 5,
@@ -335,6 +338,11 @@ def _communication(task_id: str, kind: str, details: dict[str, Any]) -> AgentCom
         content={**details, "prompt_ref": f"task_master.content#{task_id}"},
         created_at=utcnow(),
     )
+
+
+def _abbreviate(text: str, limit: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def _backend_view(ctx: ApiContext, task_id: str) -> BackendView | None:

@@ -1,5 +1,6 @@
 """The delegation pipeline end to end, driven over HTTP the way Claude Code drives it."""
 
+import base64
 import json
 import os
 import signal
@@ -436,3 +437,27 @@ def test_urgent_tasks_overtake_a_backlog_of_low_ones(system: System, openai_fake
     overtaken = [t for t in lows if started[t] < last_urgent]
     # The bound: once urgent work is accepted, at most one low task per worker process starts first.
     assert len(overtaken) <= 2, (overtaken, started)
+
+
+def test_flower_asks_for_a_login_and_shows_koubou_tasks_readably(system: System) -> None:
+    auth_file = system.home / "config" / "flower-auth"
+    assert oct(auth_file.stat().st_mode & 0o777) == "0o600"
+    user, password = auth_file.read_text().strip().split(":", 1)
+    flower = f"http://127.0.0.1:{system.flower_port}"
+    assert str(auth_file) in system.output() and password not in system.output()
+    assert http("GET", f"{flower}/")[0] == 401
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def get(path: str) -> str:
+        request = urllib.request.Request(f"{flower}{path}", headers={"Authorization": f"Basic {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.read().decode()
+
+    task_id = system.delegate(prompt="shown in flower " + "x" * 200, sync=True)[1]["task_id"]
+    wait_until(lambda: task_id in json.loads(get("/api/tasks")), 20)
+    shown = json.loads(get("/api/tasks"))[task_id]
+    assert shown["name"] == "koubou.delegate" and "shown in flower" in shown["args"] and "…" in shown["args"]
+    assert len(shown["args"]) < 200
+    assert "flower_events_total" in get("/metrics")
+    for log in (system.home / "logs").rglob("*.log"):
+        assert password not in log.read_text(errors="replace"), log
