@@ -48,8 +48,42 @@ def queued_task_ids(app: Celery, queues: Iterable[str] = QUEUES) -> set[str]:
         for queue in queues:
             for step in channel.priority_steps:
                 for raw in client.lrange(channel._q_for_pri(queue, step), 0, -1):
-                    try:
-                        found.add(json.loads(raw)["headers"]["id"])
-                    except (ValueError, KeyError, TypeError):
-                        continue
+                    task_id = _task_id_of_payload(raw)
+                    if task_id:
+                        found.add(task_id)
     return found
+
+
+# Move one message from a queue to the consuming end of the next more urgent queue, only if it is
+# still there (a worker may have taken it meanwhile): atomic, so it is never lost or doubled.
+_PROMOTE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+def promote(app: Celery, task_ids: Iterable[str]) -> set[str]:
+    """Move these tasks' messages up one priority class (low → normal → urgent), to the front."""
+    wanted = set(task_ids)
+    moved: set[str] = set()
+    if not wanted:
+        return moved
+    with app.connection_for_write() as connection:
+        client = connection.default_channel.client
+        script = client.register_script(_PROMOTE)
+        for lower, higher in ((QUEUES[1], QUEUES[0]), (QUEUES[2], QUEUES[1])):
+            for raw in client.lrange(lower, 0, -1):
+                task_id = _task_id_of_payload(raw)
+                if task_id in wanted and task_id not in moved and script(keys=[lower, higher], args=[raw]):
+                    moved.add(task_id)
+    return moved
+
+
+def _task_id_of_payload(raw: bytes) -> str | None:
+    try:
+        return json.loads(raw)["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None

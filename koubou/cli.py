@@ -210,6 +210,7 @@ def cmd_mirror(_: argparse.Namespace) -> int:
         app,
         make_session_factory(make_engine(settings.database_url)),
         redis.Redis.from_url(settings.broker, socket_timeout=5, socket_connect_timeout=5),
+        ageing=settings.priority_ageing,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: mirror.stop())

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     worker_id: str | None = Field(None, validation_alias="WORKER_ID")
     worker_autoscale: str = Field("4,1", validation_alias="KOUBOU_WORKER_AUTOSCALE")
     max_task_time: int = Field(600, ge=1, le=86400, validation_alias="KOUBOU_MAX_TASK_TIME")
+    priority_ageing: float = Field(120.0, gt=0, le=86400, validation_alias="KOUBOU_PRIORITY_AGEING")
     retry_max: int = Field(3, ge=0, le=20, validation_alias="KOUBOU_RETRY_MAX")
     retry_window: float = Field(60.0, ge=0, le=3600, validation_alias="KOUBOU_RETRY_WINDOW")
     retry_base_delay: float = Field(1.0, gt=0, le=60, validation_alias="KOUBOU_RETRY_BASE_DELAY")

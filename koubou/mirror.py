@@ -21,7 +21,7 @@ from celery import Celery
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from .broker import queued_task_ids, requeue_unacked
+from .broker import promote, queued_task_ids, requeue_unacked
 from .constants import MIRROR_ALIVE_KEY, MIRROR_ALIVE_TTL, TaskStatus, WorkerStatus
 from .db.models import SystemLogRow, TaskRow, WorkerRow
 from .db.session import utcnow
@@ -72,6 +72,8 @@ class Mirror:
         requeue: Callable[[Celery, Iterable[str]], set[str]] = requeue_unacked,
         queued: Callable[[Celery], set[str]] = queued_task_ids,
         answering: Callable[[Celery, list[str]], set[str]] | None = None,
+        ageing: float = 120.0,
+        promote: Callable[[Celery, Iterable[str]], set[str]] = promote,
     ) -> None:
         self.celery = celery
         self.sessions = sessions
@@ -83,6 +85,8 @@ class Mirror:
         self.requeue = requeue
         self.queued = queued
         self.answering = answering or _answering
+        self.ageing = ageing
+        self.promote = promote
         self.started = time.monotonic()
         self.events: queue.Queue[Event] = queue.Queue()
         self.stopping = threading.Event()
@@ -121,6 +125,7 @@ class Mirror:
                 self.apply(batch)
             if time.monotonic() >= next_reconcile:
                 self._guarded(self.reconcile)
+                self._guarded(self.age_queued)
                 # Heartbeats only count once the receiver had time to hear them.
                 if time.monotonic() - self.started > self.offline_after * 1.5:
                     self._guarded(self.mark_offline)
@@ -425,6 +430,25 @@ class Mirror:
                                          message=message, task_id=task_id))  # fmt: skip
                 log.warning("reaper: %s", message)
         return len(ids)
+
+    def age_queued(self) -> int:
+        """Move tasks queued longer than `ageing` up one priority class, so none starves forever."""
+        cutoff = utcnow() - timedelta(seconds=self.ageing)
+        with self.sessions() as session:
+            old = session.scalars(
+                select(TaskRow.task_id)
+                .where(TaskRow.status == TaskStatus.PENDING.value, TaskRow.created_at < cutoff)
+                .order_by(TaskRow.created_at)
+                .limit(500)
+            ).all()
+        moved = self.promote(self.celery, old) if old else set()
+        if moved:
+            with self.sessions.begin() as session:
+                session.add(SystemLogRow(timestamp=utcnow(), level="INFO", component="scheduler",
+                                         message=f"aged {len(moved)} waiting task(s) up one priority class",
+                                         details={"task_ids": sorted(moved)[:100]}))  # fmt: skip
+            log.info("mirror: aged %d waiting task(s) up one priority class", len(moved))
+        return len(moved)
 
     def mark_offline(self) -> None:
         """Workers whose heartbeats stopped are offline."""

@@ -39,3 +39,26 @@ def test_two_workers_never_send_a_backend_more_than_its_slots(tmp_path: Path) ->
         assert not busy, "the backend answered 503: koubou sent it more than its slots"
         workers = {final["result"]["worker"].split("@")[0] for final in finals}
         assert workers == {"celery", "second"}, workers  # both machines took part
+
+
+def test_a_low_task_is_aged_up_instead_of_starving(tmp_path: Path) -> None:
+    with FakeLLMServer(models=("fake-model:1b",), latency=1.0) as fake:
+        system = make_system(tmp_path, OLLAMA_HOST=fake.url, KOUBOU_DEFAULT_MODEL="fake-model:1b",
+                             KOUBOU_OLLAMA_SLOTS="1", KOUBOU_WORKER_AUTOSCALE="1,1",
+                             KOUBOU_PRIORITY_AGEING="2").start()  # fmt: skip
+        try:
+            first = system.delegate(prompt="first", priority=10)[1]["task_id"]
+            low = system.delegate(prompt="low and patient", priority=1)[1]["task_id"]
+            urgent = [system.delegate(prompt=f"urgent {i}", priority=10)[1]["task_id"] for i in range(14)]
+            for task_id in [first, low, *urgent]:
+                assert system.wait_final(task_id, timeout=120)["status"] == "completed"
+            wait_until(lambda: all(system.sql("SELECT started_at FROM task_master WHERE task_id = ? AND status = "
+                                              "'completed'", t) for t in [low, *urgent]), 30)  # fmt: skip
+            started = {r["task_id"]: r["started_at"] for r in system.sql("SELECT task_id, started_at FROM task_master")}
+            aged = system.sql("SELECT details FROM system_logs WHERE component = 'scheduler'")
+        finally:
+            assert not system.stop()
+    after_low = [t for t in urgent if started[t] > started[low]]
+    # Strict priority alone would run it last, after all 14 urgent tasks.
+    assert len(after_low) >= 2, (started[low], sorted(started[t] for t in urgent))
+    assert any(low in row["details"] for row in aged)
