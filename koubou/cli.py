@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .config import ConfigError, Settings, get_settings
+from .config import ConfigError, Settings, get_settings, redacted
 from .constants import QUEUES
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def _print_summary(settings: Settings, env: dict[str, str]) -> None:
         f"  API       http://{host}:{settings.api_port}  (POST /task/delegate, GET /task/<id>/status, GET /health)",
         f"  Flower    http://127.0.0.1:{settings.flower_port}  (login: "
         + ("KOUBOU_FLOWER_AUTH" if settings.flower_auth_setting else str(settings.flower_auth_file)) + ")",
-        f"  broker    {settings.broker}" + ("  (embedded valkey, data in redis/)" if settings.uses_embedded_broker else ""),
+        f"  broker    {redacted(settings.broker)}" + _broker_note(settings),
         f"  database  {settings.database_url}",
         f"  Ollama    {settings.ollama_host}",
     ]
@@ -95,6 +95,15 @@ def _print_summary(settings: Settings, env: dict[str, str]) -> None:
         "Ctrl-C stops everything.",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _broker_note(settings: Settings) -> str:
+    if not settings.uses_embedded_broker:
+        return ""
+    if settings.redis_bind_is_loopback:
+        return "  (embedded valkey, data in redis/)"
+    where = "KOUBOU_REDIS_PASSWORD" if settings.redis_password_setting else str(settings.redis_password_file)
+    return f"  (embedded valkey on {settings.redis_bind}; other machines use redis://:PASSWORD@<this host>:{settings.redis_port}/0, password in {where})"
 
 
 def _running_pid(pidfile: Path) -> int | None:

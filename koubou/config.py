@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
 from functools import lru_cache
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from urllib.parse import quote, urlsplit
 from typing import Annotated
 
 from dotenv import dotenv_values
@@ -47,6 +49,9 @@ class Settings(BaseSettings):
     flower_port: Port = Field(5555, validation_alias="KOUBOU_FLOWER_PORT")
     flower_auth_setting: str | None = Field(None, validation_alias="KOUBOU_FLOWER_AUTH")
     redis_port: Port = Field(6380, validation_alias="KOUBOU_REDIS_PORT")
+    # The embedded broker listens beyond loopback only when told to, and then with a password.
+    redis_bind: str = Field("127.0.0.1", min_length=1, validation_alias="KOUBOU_REDIS_BIND")
+    redis_password_setting: str | None = Field(None, min_length=8, validation_alias="KOUBOU_REDIS_PASSWORD")
     ollama_host: str = Field(OLLAMA_DEFAULT_HOST, validation_alias="OLLAMA_HOST")
     openai_api_base: str | None = Field(None, validation_alias="OPENAI_API_BASE")
     openai_api_key: str | None = Field(None, validation_alias="OPENAI_API_KEY")
@@ -133,13 +138,23 @@ class Settings(BaseSettings):
         """Flower's `user:password`: KOUBOU_FLOWER_AUTH, else one generated once and kept (mode 600)."""
         if self.flower_auth_setting:
             return self.flower_auth_setting
-        path = self.flower_auth_file
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(f"koubou:{secrets.token_urlsafe(18)}\n")
-        return path.read_text().strip()
+        return _stored_secret(self.flower_auth_file, lambda: f"koubou:{secrets.token_urlsafe(18)}")
+
+    @property
+    def redis_password_file(self) -> Path:
+        return self.home_dir / "config" / "redis-password"
+
+    @property
+    def redis_bind_is_loopback(self) -> bool:
+        return all(_is_loopback(host) for host in self.redis_bind.split())
+
+    def embedded_broker_password(self) -> str | None:
+        """KOUBOU_REDIS_PASSWORD; else, when the broker listens beyond loopback, one generated once."""
+        if self.redis_password_setting:
+            return self.redis_password_setting
+        if self.redis_bind_is_loopback:
+            return None
+        return _stored_secret(self.redis_password_file, lambda: secrets.token_urlsafe(24))
 
     @property
     def uses_embedded_broker(self) -> bool:
@@ -148,7 +163,11 @@ class Settings(BaseSettings):
 
     @property
     def broker(self) -> str:
-        return self.broker_url or f"redis://127.0.0.1:{self.redis_port}/0"
+        if self.broker_url:
+            return self.broker_url
+        password = self.embedded_broker_password()
+        auth = f":{quote(password, safe='')}@" if password else ""
+        return f"redis://{auth}127.0.0.1:{self.redis_port}/0"
 
     @property
     def result_backend(self) -> str:
@@ -181,6 +200,36 @@ class Settings(BaseSettings):
         for sub in HOME_SUBDIRS:
             (self.home_dir / sub).mkdir(parents=True, exist_ok=True)
         return self.home_dir
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "-::1"):
+        return True
+    try:
+        return ipaddress.ip_address(host.lstrip("-")).is_loopback
+    except ValueError:
+        return False
+
+
+def _stored_secret(path: Path, make: Callable[[], str]) -> str:
+    """A secret kept in a file only its owner can read, created on first use."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as handle:
+            handle.write(make() + "\n")
+    return path.read_text().strip()
+
+
+def redacted(url: str) -> str:
+    """The URL with its password replaced by ***, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+    return url
 
 
 def _describe(error: ValidationError) -> str:

@@ -125,10 +125,17 @@ def plan_services(settings: Settings, python: str = sys.executable) -> tuple[lis
                 f"port {settings.redis_port} is already in use; koubou will not use a Redis it did not start. "
                 "Set KOUBOU_REDIS_PORT to a free port, or KOUBOU_BROKER_URL to use that server."
             )
+        # The password goes in a file only we can read, never on the command line (ps shows that).
+        conf = home / "redis" / "koubou-broker.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            password = settings.embedded_broker_password()
+            handle.write(f'requirepass "{password}"\n' if password else "")
         argv = [
             broker_binary(),
+            str(conf),
             "--port", str(settings.redis_port),
-            "--bind", "127.0.0.1",
+            "--bind", *settings.redis_bind.split(),
             "--protected-mode", "yes",
             "--dir", str(home / "redis"),
             "--appendonly", "yes",

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
@@ -23,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import __version__
 from ..celery import app as celery_app
-from ..config import Settings, get_settings
+from ..config import Settings, get_settings, redacted
 from ..constants import DELEGATE_TASK, QUEUES, MIRROR_ALIVE_KEY, TaskStatus, WorkerStatus, cancel_key, idempotency_key, queue_for_priority
 from ..db.models import AgentCommunicationRow, TaskRow, WorkerRow
 from ..db.session import make_engine, make_session_factory, utcnow
@@ -460,7 +459,7 @@ def _health(ctx: ApiContext) -> HealthResponse:
     components: dict[str, ComponentHealth] = {}
     try:
         ctx.redis.ping()
-        components["broker"] = ComponentHealth(name="broker", ok=True, detail=_safe_url(ctx.settings.broker))
+        components["broker"] = ComponentHealth(name="broker", ok=True, detail=redacted(ctx.settings.broker))
         mirror_alive = bool(ctx.redis.exists(MIRROR_ALIVE_KEY))
     except redis.RedisError as error:
         components["broker"] = ComponentHealth(name="broker", ok=False, detail=str(error))
@@ -537,15 +536,6 @@ def _heartbeating_workers(ctx: ApiContext) -> set[str]:
             return {worker_id for (worker_id,) in rows}
     except Exception:  # the database component reports this failure
         return set()
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
 
 
 def _register_errors(app: Flask) -> None:

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
-from tests.harness import REPO, alive, descendants, free_port, http, make_system
+from tests.harness import REPO, alive, cmdline, descendants, free_port, http, make_system
 
 
 def run_koubou(env: dict[str, str], *args: str, timeout: float = 200) -> subprocess.CompletedProcess[str]:
@@ -101,5 +102,26 @@ def test_a_child_that_dies_is_restarted(tmp_path: Path, service: str) -> None:
         while time.monotonic() < deadline and health_code(system.api) != 200:
             time.sleep(0.5)
         assert health_code(system.api) == 200
+    finally:
+        assert not system.stop()
+
+
+def test_a_broker_open_beyond_loopback_requires_its_password(tmp_path: Path) -> None:
+    system = make_system(tmp_path, OLLAMA_HOST=f"http://127.0.0.1:{free_port()}", KOUBOU_REDIS_BIND="0.0.0.0").start()
+    try:
+        password_file = tmp_path / "config" / "redis-password"
+        assert oct(password_file.stat().st_mode & 0o777) == "0o600"
+        password = password_file.read_text().strip()
+        assert len(password) >= 24
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=system.redis_port, socket_timeout=5).ping()
+        assert redis.Redis(port=system.redis_port, password=password, socket_timeout=5).ping()
+        # The system itself uses it: a task goes through (and fails only for want of an LLM).
+        code, body = system.delegate(prompt="through a guarded broker", sync=True, options={"timeout": 20})
+        assert code == 200 and body["status"] == "failed" and "reach" in body["result"]["error"]
+        assert str(password_file) in system.output()
+        for text in [system.output(), *(log.read_text(errors="replace") for log in (tmp_path / "logs").rglob("*.log"))]:
+            assert password not in text
+        assert all(password not in cmdline(pid) for pid in descendants(system.process.pid))  # type: ignore[union-attr]
     finally:
         assert not system.stop()
