@@ -28,6 +28,8 @@ from .slots import SlotLeases
 
 #: Seconds between two looks at the cancel flag while tokens stream in.
 CANCEL_CHECK_INTERVAL = 0.25
+#: Tries to give a slot lease back (about 8 s in all) before leaving it to expire.
+RELEASE_ATTEMPTS = 12
 
 
 class Cancelled(Exception):
@@ -169,11 +171,16 @@ class Delegation:
             delay = min(delay * 1.5, 0.25)
 
     def _release(self, backend: Backend, lease: str | None) -> None:
-        if lease is not None and self.leases is not None:
+        if lease is None or self.leases is None:
+            return
+        # A broker restart takes a second or two; a lease not given back would hold the slot
+        # until it expires (the task's deadline plus a margin), so try for a few seconds.
+        for attempt in range(RELEASE_ATTEMPTS):
             try:
                 self.leases.release(backend.name, lease)
+                return
             except redis.RedisError:
-                pass  # the lease expires on its own
+                self.sleep(min(0.1 * 2**attempt, 1.0))
 
     def _request(self, model: str) -> ChatRequest:
         remaining = self.deadline - time.monotonic()

@@ -74,7 +74,7 @@ def test_broker_killed_and_restarted_mid_load_loses_no_accepted_task(
         ollama_fake.set_latency(0)
         survivors = system.stop()
     for task_id, final in finals.items():
-        assert final["status"] == "completed", (accepted[task_id], final)
+        assert final["status"] == "completed", (accepted[task_id], final["result"])
         assert final["result"]["output"] == fake_answer("fake-model:1b", [{"role": "user", "content": accepted[task_id]}])
     assert not survivors
 

@@ -5,6 +5,7 @@ import time
 from collections.abc import Iterator
 
 import fakeredis
+import redis
 import pytest
 
 from koubou.backends.ollama import OllamaBackend
@@ -141,3 +142,19 @@ def test_the_least_busy_backend_serving_the_model_is_chosen(first: FakeLLMServer
     assert leases.acquire(one.name, 4, 60)  # the first backend is busier
     outcome = Delegation(job(), Router([one, two], {one.name: 4, two.name: 4}), FAST, leases=leases).run()
     assert outcome.backend == two.name
+
+
+def test_a_lease_is_given_back_even_through_a_broker_hiccup(first: FakeLLMServer) -> None:
+    class Hiccup(SlotLeases):
+        failures = 2
+
+        def release(self, backend: str, lease: str) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise redis.ConnectionError("broker restarting")
+            super().release(backend, lease)
+
+    leases = Hiccup(fakeredis.FakeRedis())
+    backend = OllamaBackend(first.url)
+    assert Delegation(job(), Router([backend], {backend.name: 1}), FAST, leases=leases, sleep=lambda _: None).run().success
+    assert leases.in_use(backend.name) == 0
