@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -73,6 +74,7 @@ class Delegation:
         sleep: Callable[[float], None] = time.sleep,
         on_text: Callable[[str], None] | None = None,
         leases: SlotLeases | None = None,
+        interruptible: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
         self.job = job
         self.router = router
@@ -82,6 +84,7 @@ class Delegation:
         self.sleep = sleep
         self.on_text = on_text
         self.leases = leases
+        self.interruptible = interruptible
         self.attempts: list[Attempt] = []
         self.started = time.monotonic()
         self.deadline = self.started + job.timeout
@@ -122,7 +125,8 @@ class Delegation:
                 raise self._failure_from(error) from None
             began = time.monotonic()
             try:
-                answer = backend.chat(self._request(model), on_delta=self._on_delta)
+                with self.interruptible():
+                    answer = backend.chat(self._request(model), on_delta=self._on_delta)
             except BackendError as error:
                 failure: BackendError | None = error
             else:
@@ -175,12 +179,17 @@ class Delegation:
             return
         # A broker restart takes a second or two; a lease not given back would hold the slot
         # until it expires (the task's deadline plus a margin), so try for a few seconds.
+        # A cancel's SIGUSR1 (SoftTimeLimitExceeded) may land right here too: try again, or the
+        # slot would stay taken.
         for attempt in range(RELEASE_ATTEMPTS):
             try:
                 self.leases.release(backend.name, lease)
                 return
-            except redis.RedisError:
-                self.sleep(min(0.1 * 2**attempt, 1.0))
+            except (redis.RedisError, SoftTimeLimitExceeded):
+                try:
+                    self.sleep(min(0.1 * 2**attempt, 1.0))
+                except SoftTimeLimitExceeded:
+                    continue
 
     def _request(self, model: str) -> ChatRequest:
         remaining = self.deadline - time.monotonic()

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import logging
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
+
+from celery.exceptions import SoftTimeLimitExceeded
 
 from .celery import app
 from .config import get_settings
@@ -36,9 +41,34 @@ def cancel_requested(task_id: str) -> bool:
         return False
 
 
+# A cancel interrupts a blocking backend call with SIGUSR1 (Celery's revoke(terminate=True)).
+# Billiard's own handler would raise wherever the signal lands, e.g. while the result is being
+# stored, which breaks that store; ours raises only inside a backend call, and the cancel flag
+# covers every other place.
+_in_backend_call = False
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    global _in_backend_call
+    _in_backend_call = True
+    try:
+        yield
+    finally:
+        _in_backend_call = False
+
+
+def _on_interrupt(_signum: int, _frame: object) -> None:
+    if _in_backend_call:
+        raise SoftTimeLimitExceeded()
+
+
 @app.task(name=DELEGATE_TASK, bind=True)
 def delegate(self, job: dict) -> dict:  # type: ignore[no-untyped-def]
     """Run one delegation; the returned dict is the task's `result` (failures raise DelegationFailed)."""
+    # Installed here, not at process start: billiard sets its own handler after its initializers.
+    if signal.getsignal(signal.SIGUSR1) is not _on_interrupt:
+        signal.signal(signal.SIGUSR1, _on_interrupt)
     parsed = DelegationJob.model_validate(job)
     log.info("delegation %s: model=%s type=%s", parsed.task_id, parsed.model, parsed.type)
     publish = TokenPublisher(app.backend.client, parsed.task_id)
@@ -50,6 +80,7 @@ def delegate(self, job: dict) -> dict:  # type: ignore[no-untyped-def]
         is_cancelled=lambda: cancel_requested(parsed.task_id),
         on_text=publish,
         leases=SlotLeases(app.backend.client),
+        interruptible=_interruptible,
     )
     try:
         return delegation.run().model_dump()
