@@ -397,7 +397,8 @@ def _cancel(ctx: ApiContext, task_id: str) -> TaskStatus:
 def _wait(ctx: ApiContext, task_id: str, timeout: float) -> BackendView | None:
     """Poll the result backend until the task is final or `timeout` passes."""
     deadline = time.monotonic() + timeout
-    delay = 0.02
+    # Start fast (most answers from a local model take well under a second to route) and back off.
+    delay = 0.005
     view = None
     while True:
         view = _backend_view(ctx, task_id)
@@ -407,7 +408,7 @@ def _wait(ctx: ApiContext, task_id: str, timeout: float) -> BackendView | None:
         if remaining <= 0:
             return view
         time.sleep(min(delay, remaining))
-        delay = min(delay * 1.5, 0.2)
+        delay = min(delay * 1.3, 0.1)
 
 
 def _status(ctx: ApiContext, task_id: str) -> TaskStatusResponse:
