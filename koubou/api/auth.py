@@ -26,7 +26,7 @@ from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from spectree import SecurityScheme
-from spectree.models import SecuritySchemeData, SecureType
+from spectree.models import SecureType, SecuritySchemeData
 from sqlalchemy.orm import Session, sessionmaker
 
 from .. import agents

@@ -1,0 +1,249 @@
+"""What the task endpoints do: submit (once), cancel, wait, describe a task."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+from flask import g
+from sqlalchemy import update
+
+from ..constants import (
+    DELEGATE_TASK,
+    TaskStatus,
+    cancel_key,
+    idempotency_key,
+    queue_for_priority,
+)
+from ..db.models import AgentCommunicationRow, TaskRow
+from ..db.session import utcnow
+from ..jobs import DelegationJob, new_task_id
+from ..results import CANCELLED, BackendView, view_from_meta
+from ..streaming import read_progress
+from .context import ApiContext, APIError
+from .schemas import (
+    DelegateRequest,
+    TaskProgress,
+    TaskResult,
+    TaskStatusResponse,
+)
+
+log = logging.getLogger(__name__)
+
+#: Extra seconds Celery's hard limit allows past the task's own timeout.
+TIME_LIMIT_GRACE = 30
+#: Seconds DELETE /task/<id> waits for a running task to stop before answering 202.
+CANCEL_WAIT = 3.0
+IDEMPOTENCY_TTL = 24 * 3600
+
+
+def submit_once(ctx: ApiContext, body: DelegateRequest, client_key: str | None) -> str:
+    """Submit, unless the client's Idempotency-Key already names a task: then return that one."""
+    if client_key is None:
+        return submit(ctx, body, new_task_id())
+    if not 0 < len(client_key) <= 255:
+        raise APIError(400, "invalid request", "Idempotency-Key must be 1 to 255 characters")
+    digest = hashlib.sha256(f"{g.get('agent_id') or ''}\0{client_key}".encode()).hexdigest()
+    key = idempotency_key(digest)
+    task_id = new_task_id()
+    # SET NX makes the claim atomic: two racing requests with one key get one task.
+    if ctx.redis.set(key, task_id, nx=True, ex=IDEMPOTENCY_TTL):
+        try:
+            return submit(ctx, body, task_id)
+        except Exception:
+            ctx.redis.delete(key)
+            raise
+    existing = ctx.redis.get(key)
+    return existing.decode() if existing else submit(ctx, body, task_id)
+
+
+def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
+    settings = ctx.settings
+    timeout = min(body.options.timeout, float(settings.max_task_time))
+    job = DelegationJob(
+        task_id=task_id,
+        type=body.type,
+        prompt=body.prompt,
+        model=body.options.model or settings.default_model,
+        priority=body.priority,
+        timeout=timeout,
+        temperature=body.options.temperature,
+        num_ctx=body.options.num_ctx,
+        max_tokens=body.options.max_tokens,
+    )
+    now = utcnow()
+    # The row exists before the message does, so the mirror never sees an unknown task.
+    with ctx.sessions.begin() as session:
+        session.add(
+            TaskRow(
+                task_id=task_id,
+                task_type=body.type.value,
+                status=TaskStatus.PENDING.value,
+                priority=body.priority,
+                content=job.model_dump(mode="json"),
+                agent_id=g.get("agent_id"),
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        session.add(_communication(task_id, "delegate", {"type": body.type.value, "model": job.model}))
+    try:
+        ctx.celery.send_task(
+            DELEGATE_TASK,
+            args=[job.model_dump(mode="json")],
+            # What Flower shows: readable, with the prompt abbreviated.
+            argsrepr=f"{body.type.value} model={job.model} prompt={_abbreviate(body.prompt)!r}",
+            kwargsrepr="{}",
+            task_id=task_id,
+            queue=queue_for_priority(body.priority),
+            soft_time_limit=timeout + 5,
+            time_limit=timeout + TIME_LIMIT_GRACE,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        )
+    except Exception as error:  # kombu/redis raise several unrelated types for "broker down"
+        log.exception("could not send %s to the broker", task_id)
+        with ctx.sessions.begin() as session:
+            row = session.get(TaskRow, task_id)
+            if row is not None:
+                row.status = TaskStatus.FAILED.value
+                row.result = {"success": False, "output": None, "error": f"broker unavailable: {error}"}
+                row.updated_at = utcnow()
+        raise APIError(503, "broker unavailable", f"the task was not queued: {error}") from None
+    return task_id
+
+
+def _communication(task_id: str, kind: str, details: dict[str, Any]) -> AgentCommunicationRow:
+    """Who asked koubou what, and when; the prompt itself stays in task_master.content (stored once)."""
+    return AgentCommunicationRow(
+        task_id=task_id,
+        sender=g.get("agent_id") or "anonymous",
+        receiver="koubou",
+        message_type=kind,
+        content={**details, "prompt_ref": f"task_master.content#{task_id}"},
+        created_at=utcnow(),
+    )
+
+
+def _abbreviate(text: str, limit: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def backend_view(ctx: ApiContext, task_id: str) -> BackendView | None:
+    try:
+        return view_from_meta(ctx.celery.backend.get_task_meta(task_id))
+    except Exception:  # the result backend being down must not break status reads
+        log.warning("result backend unavailable while reading %s", task_id, exc_info=True)
+        return None
+
+
+def effective_status(ctx: ApiContext, row: TaskRow) -> tuple[TaskStatus, BackendView | None]:
+    """The row's status, or the result backend's when the mirror has not caught up."""
+    status = TaskStatus(row.status)
+    if status.is_final:
+        return status, None
+    view = backend_view(ctx, row.task_id)
+    if view is not None and (view.status.is_final or status == TaskStatus.PENDING):
+        return view.status, view
+    return status, None
+
+
+def cancel_task(ctx: ApiContext, task_id: str) -> TaskStatus:
+    with ctx.sessions() as session:
+        row = session.get(TaskRow, task_id)
+    if row is None:
+        raise APIError(404, "task not found", f"no task with id {task_id!r}")
+    status, _ = effective_status(ctx, row)
+    if status.is_final:
+        raise APIError(409, "task already final", {"task_id": task_id, "status": status.value})
+    # The flag stops the task wherever it is (queued, retrying, streaming); the revoke drops a
+    # queued message and SIGUSR1 interrupts a blocking backend call, which then reads the flag.
+    ctx.celery.backend.client.set(cancel_key(task_id), "1", ex=ctx.settings.max_task_time * 2 + 60)
+    with ctx.sessions.begin() as session:
+        session.add(_communication(task_id, "cancel", {"status_then": status.value}))
+    ctx.celery.control.revoke(task_id, terminate=True, signal="SIGUSR1")
+    if status == TaskStatus.PENDING:
+        with ctx.sessions.begin() as session:
+            session.execute(
+                update(TaskRow)
+                .where(TaskRow.task_id == task_id, TaskRow.status == TaskStatus.PENDING.value)
+                .values(
+                    status=TaskStatus.CANCELLED.value,
+                    result={"success": False, "output": None, "error": "cancelled by the client", "error_type": CANCELLED},
+                    completed_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+            )
+        return TaskStatus.CANCELLED
+    view = wait_for_final(ctx, task_id, CANCEL_WAIT)
+    return view.status if view is not None and view.status.is_final else status
+
+
+def wait_for_final(ctx: ApiContext, task_id: str, timeout: float) -> BackendView | None:
+    """Poll the result backend until the task is final or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    # Start fast (most answers from a local model take well under a second to route) and back off.
+    delay = 0.005
+    view = None
+    while True:
+        view = backend_view(ctx, task_id)
+        if view is not None and view.status.is_final:
+            return view
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return view
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 1.3, 0.1)
+
+
+def get_status(ctx: ApiContext, task_id: str) -> TaskStatusResponse:
+    with ctx.sessions() as session:
+        row = session.get(TaskRow, task_id)
+    if row is None:
+        raise APIError(404, "task not found", f"no task with id {task_id!r}")
+    return describe(ctx, row)
+
+
+def describe(ctx: ApiContext, row: TaskRow) -> TaskStatusResponse:
+    status, view = effective_status(ctx, row)
+    result, worker = row.result, row.assigned_worker_type
+    if view is not None:  # the mirror lags behind; the result backend is where it catches up from
+        result, worker = view.result or result, view.worker or worker
+    completed_at = row.completed_at or (view.completed_at if view else None)
+    return TaskStatusResponse(
+        progress=progress_of(ctx, row, completed_at),
+        task_id=row.task_id,
+        status=status,
+        type=row.task_type,
+        priority=row.priority,
+        result=TaskResult.model_validate(result) if result else None,
+        worker=worker,
+        created_at=iso(row.created_at) or "",
+        updated_at=iso(row.updated_at) or "",
+        started_at=iso(row.started_at),
+        completed_at=iso(completed_at),
+    )
+
+
+def progress_of(ctx: ApiContext, row: TaskRow, completed_at: datetime | None) -> TaskProgress:
+    streamed = read_progress(ctx.celery.backend.client, row.task_id)
+    started = row.started_at
+    end = completed_at or utcnow()
+    return TaskProgress(
+        tokens=streamed.tokens,
+        tokens_per_second=streamed.tokens_per_second,
+        queued_ms=_ms_between(row.created_at, started or end),
+        running_ms=_ms_between(started, end) if started else None,
+    )
+
+
+def _ms_between(start: datetime, end: datetime) -> float:
+    return round(max(0.0, (end - start).total_seconds()) * 1000, 1)
+
+
+def iso(value: Any) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
