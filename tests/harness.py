@@ -34,10 +34,18 @@ def clean_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def http(method: str, url: str, body: Any = None, raw: bytes | None = None, timeout: float = 200) -> tuple[int, Any]:
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    timeout: float = 200,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
     """One HTTP call; returns (status, parsed JSON or text)."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=data, method=method, headers=sent)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, payload = response.status, response.read()

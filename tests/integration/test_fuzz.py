@@ -43,8 +43,6 @@ import re
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -718,20 +716,7 @@ def run_hostile(system: System, tally: Tally) -> None:
 def call(
     system: System, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
 ) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        f"{system.api}{path}", data=None if body is None else json.dumps(body).encode(), method=method,
-        headers={"Content-Type": "application/json", **(headers or {})},
-    )  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-            status, payload = response.status, response.read()
-    except urllib.error.HTTPError as error:
-        status, payload = error.code, error.read()
-    try:
-        return status, json.loads(payload)
-    except ValueError:
-        return status, payload
-
+    return http(method, f"{system.api}{path}", body, timeout=REQUEST_TIMEOUT, headers=headers)
 
 def run_sequences(system: System, tally: Tally) -> None:
     """Short scripted exchanges that need state: Idempotency-Key reuse, cancelling real tasks."""

@@ -28,9 +28,9 @@ def test_env_file_in_home_is_read_and_environment_wins(tmp_path: Path) -> None:
 
 
 def test_broker_url_names_the_redis_to_use(tmp_path: Path) -> None:
-    settings = load_settings({"KOUBOU_HOME": str(tmp_path), "KOUBOU_BROKER_URL": "redis://10.0.0.5:6379/2"})
+    settings = load_settings({"KOUBOU_HOME": str(tmp_path), "KOUBOU_BROKER_URL": "redis://10.0.0.5:6390/2"})
     assert not settings.uses_embedded_broker
-    assert settings.broker == settings.result_backend == "redis://10.0.0.5:6379/2"
+    assert settings.broker == settings.result_backend == "redis://10.0.0.5:6390/2"
 
 
 @pytest.mark.parametrize(
