@@ -53,7 +53,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _logging()
     try:
         services, env = plan_services(settings)
-    except StartupError as error:
+    except (StartupError, ConfigError) as error:
         print(f"koubou: {error}", file=sys.stderr)
         return 1
     supervisor = Supervisor(services)

@@ -10,10 +10,11 @@ from functools import lru_cache
 from pathlib import Path
 from collections.abc import Callable, Mapping
 from urllib.parse import quote, urlsplit
-from typing import Annotated
+from typing import Annotated, Literal
 
 from dotenv import dotenv_values
-from pydantic import Field, ValidationError, field_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -24,6 +25,24 @@ OLLAMA_DEFAULT_HOST = "http://127.0.0.1:11434"
 
 class ConfigError(Exception):
     """A setting has a bad value; the message names the variable."""
+
+
+class BackendEntry(BaseModel):
+    """One LLM server in `$KOUBOU_HOME/config/backends.yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=100)
+    kind: Literal["ollama", "openai"]
+    url: str = Field(pattern=r"^https?://")
+    slots: int = Field(1, ge=1, le=1024, description="Requests it serves at once.")
+    api_key: str | None = None
+
+
+class BackendsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backends: list[BackendEntry] = Field(min_length=1)
 
 
 class Settings(BaseSettings):
@@ -183,12 +202,29 @@ class Settings(BaseSettings):
         return self.ollama_slots_setting or self.ollama_num_parallel or 1
 
     @property
+    def backends_file(self) -> Path:
+        return self.home_dir / "config" / "backends.yaml"
+
+    def configured_backends(self) -> list[BackendEntry] | None:
+        """The backends file's entries, or None when there is no file (the environment decides)."""
+        path = self.backends_file
+        if not path.is_file():
+            return None
+        try:
+            parsed = BackendsFile.model_validate(yaml.safe_load(path.read_text()) or {})
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        except ValidationError as error:
+            raise ConfigError(f"{path}: " + _describe(error).removeprefix("invalid configuration: ")) from None
+        return parsed.backends
+
+    @property
     def ollama_configured(self) -> bool:
         return "ollama_host" in self.model_fields_set
 
     @property
     def any_backend_configured(self) -> bool:
-        return self.ollama_configured or self.openai_api_base is not None
+        return self.ollama_configured or self.openai_api_base is not None or self.backends_file.is_file()
 
     @property
     def autoscale_bounds(self) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .backends.base import Backend, BackendError, BackendUnavailable, ModelNotFound
 from .backends.ollama import OllamaBackend
 from .backends.openai import OpenAIBackend
-from .config import Settings
+from .config import ConfigError, Settings
 
 MODELS_TTL = 10.0  # seconds a backend's model list is trusted
 UNREACHABLE_TTL = 2.0  # seconds an unreachable backend is not asked again
@@ -29,7 +29,22 @@ class BackendState:
 
 
 def build_router(settings: Settings) -> Router:
-    """The backends the settings describe (Ollama always, the OpenAI-compatible server when set)."""
+    """The backends file's servers; without one, Ollama and (when set) the OpenAI-compatible server."""
+    entries = settings.configured_backends()
+    if entries:
+        listed: list[Backend] = []
+        slots: dict[str, int] = {}
+        for entry in entries:
+            backend: Backend = (
+                OllamaBackend(entry.url, name=entry.name)
+                if entry.kind == "ollama"
+                else OpenAIBackend(entry.url, name=entry.name, api_key=entry.api_key)
+            )
+            if backend.name in slots:
+                raise ConfigError(f"{settings.backends_file}: two backends are named {backend.name!r}")
+            listed.append(backend)
+            slots[backend.name] = entry.slots
+        return Router(listed, slots)
     ollama = OllamaBackend(settings.ollama_host)
     backends: list[Backend] = [ollama]
     slots = {ollama.name: settings.ollama_slots}

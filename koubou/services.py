@@ -115,6 +115,7 @@ def demo_wanted(settings: Settings) -> bool:
 def plan_services(settings: Settings, python: str = sys.executable) -> tuple[list[Service], dict[str, str]]:
     """The services to run, in start order, and the environment they share."""
     home = settings.ensure_home()
+    settings.configured_backends()  # a bad backends file stops the start, naming the file
     settings.flower_auth()  # created once here, before Flower starts
     env = {**os.environ, "KOUBOU_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     services: list[Service] = []

@@ -62,3 +62,24 @@ def test_a_low_task_is_aged_up_instead_of_starving(tmp_path: Path) -> None:
     # Strict priority alone would run it last, after all 14 urgent tasks.
     assert len(after_low) >= 2, (started[low], sorted(started[t] for t in urgent))
     assert any(low in row["details"] for row in aged)
+
+
+def test_a_backends_file_spreads_one_model_over_two_servers_within_their_slots(tmp_path: Path) -> None:
+    with FakeLLMServer(models=("shared:7b",), slots=1, latency=0.5) as one, \
+         FakeLLMServer(models=("shared:7b",), slots=1, latency=0.5) as two:  # fmt: skip
+        (tmp_path / "config").mkdir()
+        (tmp_path / "config" / "backends.yaml").write_text(
+            f"backends:\n  - {{name: one, kind: ollama, url: '{one.url}', slots: 1}}\n"
+            f"  - {{name: two, kind: openai, url: '{two.url}/v1', slots: 1}}\n"
+        )
+        system = make_system(tmp_path, KOUBOU_DEFAULT_MODEL="shared:7b", KOUBOU_WORKER_AUTOSCALE="3,3").start()
+        try:
+            assert "demo-model" not in system.output()
+            ids = [system.delegate(prompt=f"spread {i}")[1]["task_id"] for i in range(8)]
+            finals = [system.wait_final(task_id, timeout=60) for task_id in ids]
+        finally:
+            assert not system.stop()
+    assert all(final["status"] == "completed" for final in finals), finals
+    assert {final["result"]["backend"] for final in finals} == {"one", "two"}
+    assert one.peak_concurrency == 1 and two.peak_concurrency == 1
+    assert not [a for f in finals for a in f["result"]["attempts"] if a["error_type"] == "BackendBusy"]

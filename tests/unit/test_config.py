@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from koubou.config import ConfigError, load_settings
+from koubou.routing import build_router
 
 
 def test_defaults_follow_the_seed(tmp_path: Path) -> None:
@@ -54,3 +55,46 @@ def test_home_layout_is_created(tmp_path: Path) -> None:
     home = load_settings({"KOUBOU_HOME": str(tmp_path / "h")}).ensure_home()
     for sub in ("config", "db", "logs/agents", "logs/workers", "logs/system"):
         assert (home / sub).is_dir()
+
+
+def write_backends(home: Path, text: str) -> None:
+    (home / "config").mkdir(parents=True, exist_ok=True)
+    (home / "config" / "backends.yaml").write_text(text)
+
+
+def test_a_backends_file_defines_the_backends_and_their_slots(tmp_path: Path) -> None:
+    write_backends(tmp_path, """
+backends:
+  - {name: gpu-box, kind: ollama, url: "http://10.0.0.7:11434", slots: 4}
+  - {name: lmstudio, kind: openai, url: "http://10.0.0.8:1234/v1", slots: 2}
+""")
+    settings = load_settings({"KOUBOU_HOME": str(tmp_path)})
+    router = build_router(settings)
+    assert [(b.name, b.kind, router.slots_of(b)) for b in router.backends] == [
+        ("gpu-box", "ollama", 4), ("lmstudio", "openai", 2)
+    ]  # fmt: skip
+    assert settings.any_backend_configured  # so the demo model never starts
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("backends:\n  - {kind: vllm, url: 'http://x:1'}\n", "kind"),
+        ("backends:\n  - {kind: ollama, url: 'ftp://x'}\n", "url"),
+        ("backends:\n  - {kind: ollama, url: 'http://x:1', slots: 0}\n", "slots"),
+        ("backends: []\n", "backends"),
+        ("backends: [\n", "YAML"),
+    ],
+)
+def test_a_bad_backends_file_fails_naming_the_file_and_field(tmp_path: Path, text: str, named: str) -> None:
+    write_backends(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        build_router(load_settings({"KOUBOU_HOME": str(tmp_path)}))
+    assert "backends.yaml" in str(caught.value) and named in str(caught.value)
+
+
+def test_two_backends_with_one_name_are_refused(tmp_path: Path) -> None:
+    write_backends(tmp_path, "backends:\n  - {name: a, kind: ollama, url: 'http://x:1'}\n"
+                             "  - {name: a, kind: openai, url: 'http://y:2/v1'}\n")  # fmt: skip
+    with pytest.raises(ConfigError, match="two backends"):
+        build_router(load_settings({"KOUBOU_HOME": str(tmp_path)}))
