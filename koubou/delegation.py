@@ -172,7 +172,7 @@ class Delegation:
                 raise BackendTimeout(f"timed out waiting for a free slot on {names}")
             self._check_cancel(force=True)
             self.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+            delay = min(delay * 1.5, 0.05)  # a freed slot should not sit idle for long
 
     def _release(self, backend: Backend, lease: str | None) -> None:
         if lease is None or self.leases is None:
