@@ -116,8 +116,8 @@ class Delegation:
                     raise self._failure_from(error) from None
                 routing_retries += 1
                 continue
-            if not candidates:
-                raise self._failure_from(self._last_error()) from None
+            if not candidates:  # every backend serving the model used up its retries
+                raise self._last_failure() from None
             try:
                 backend, model, lease = self._reserve(candidates)
             except BackendTimeout as error:
@@ -233,9 +233,11 @@ class Delegation:
             Attempt(backend.name if backend else None, False, type(error).__name__, str(error), duration_ms=_ms_since(began) if began else 0.0)
         )
 
-    def _last_error(self) -> BackendError:
-        failed = [a for a in self.attempts if not a.ok]
-        return BackendError(failed[-1].error if failed else "no backend could take the task")
+    def _last_failure(self) -> DelegationFailed:
+        last = next((a for a in reversed(self.attempts) if not a.ok), None)
+        if last is None:
+            return self._failure("BackendError", "no backend could take the task")
+        return self._failure(last.error_type or "BackendError", last.error or "failed")
 
     def _attempts_json(self) -> list[dict[str, Any]]:
         return [vars(attempt) for attempt in self.attempts]

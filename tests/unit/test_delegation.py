@@ -158,3 +158,10 @@ def test_a_lease_is_given_back_even_through_a_broker_hiccup(first: FakeLLMServer
     backend = OllamaBackend(first.url)
     assert Delegation(job(), Router([backend], {backend.name: 1}), FAST, leases=leases, sleep=lambda _: None).run().success
     assert leases.in_use(backend.name) == 0
+
+
+def test_a_backend_failing_every_retry_fails_with_its_own_error(first: FakeLLMServer) -> None:
+    first.fail_next(500, count=100)
+    outcome = failure(Delegation(job(), Router([OllamaBackend(first.url)]), FAST))
+    assert outcome["error_type"] == "BackendServerError" and "500" in outcome["error"]
+    assert chats(first) == 1 + FAST.max_retries
