@@ -16,12 +16,13 @@ from celery import Celery
 from .constants import QUEUES
 
 
-def _task_id(raw: bytes | str) -> str | None:
+def _unacked_task_id(raw: bytes | str) -> str | None:
+    """The task id of an `unacked` hash entry: JSON [message, exchange, routing_key]."""
     try:
-        payload, _exchange, _routing_key = json.loads(raw)
-        return payload.get("headers", {}).get("id")
-    except (ValueError, TypeError, AttributeError):
+        message = json.loads(raw)[0]
+    except (ValueError, TypeError, KeyError, IndexError):
         return None
+    return _message_task_id(message)
 
 
 def requeue_unacked(app: Celery, task_ids: Iterable[str]) -> set[str]:
@@ -32,7 +33,7 @@ def requeue_unacked(app: Celery, task_ids: Iterable[str]) -> set[str]:
         channel = connection.default_channel
         client = channel.client
         for tag, raw in client.hscan_iter(channel.unacked_key):
-            task_id = _task_id(raw)
+            task_id = _unacked_task_id(raw)
             if task_id in wanted:
                 channel.qos.restore_by_tag(tag, client=client)
                 requeued.add(task_id)
@@ -48,7 +49,7 @@ def queued_task_ids(app: Celery, queues: Iterable[str] = QUEUES) -> set[str]:
         for queue in queues:
             for step in channel.priority_steps:
                 for raw in client.lrange(channel._q_for_pri(queue, step), 0, -1):
-                    task_id = _task_id_of_payload(raw)
+                    task_id = _queued_task_id(raw)
                     if task_id:
                         found.add(task_id)
     return found
@@ -76,14 +77,22 @@ def promote(app: Celery, task_ids: Iterable[str]) -> set[str]:
         script = client.register_script(_PROMOTE)
         for lower, higher in ((QUEUES[1], QUEUES[0]), (QUEUES[2], QUEUES[1])):
             for raw in client.lrange(lower, 0, -1):
-                task_id = _task_id_of_payload(raw)
+                task_id = _queued_task_id(raw)
                 if task_id in wanted and task_id not in moved and script(keys=[lower, higher], args=[raw]):
                     moved.add(task_id)
     return moved
 
 
-def _task_id_of_payload(raw: bytes) -> str | None:
+def _queued_task_id(raw: bytes) -> str | None:
+    """The task id of a queue list entry: the JSON message itself."""
     try:
-        return json.loads(raw)["headers"]["id"]
-    except (ValueError, KeyError, TypeError):
+        return _message_task_id(json.loads(raw))
+    except ValueError:
+        return None
+
+
+def _message_task_id(message: object) -> str | None:
+    try:
+        return message["headers"]["id"]  # type: ignore[index]
+    except (KeyError, TypeError):
         return None

@@ -25,7 +25,8 @@ from .broker import promote, queued_task_ids, requeue_unacked
 from .constants import MIRROR_ALIVE_KEY, MIRROR_ALIVE_TTL, TaskStatus, WorkerStatus
 from .db.models import SystemLogRow, TaskRow, WorkerRow
 from .db.session import utcnow
-from .results import BackendView, view_from_meta
+from .results import BackendView, read_view
+from .slots import SlotLeases
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ TASK_EVENT_STATUS: dict[str, TaskStatus | None] = {
 }
 WORKER_EVENTS = frozenset({"worker-online", "worker-heartbeat", "worker-offline"})
 NON_FINAL = (TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value)
+
+
+def _free_slots(app: Celery, task_ids: Iterable[str]) -> int:
+    return SlotLeases(app.backend.client).release_held_by(task_ids)
 
 
 def _answering(app: Celery, workers: list[str]) -> set[str]:
@@ -74,6 +79,7 @@ class Mirror:
         answering: Callable[[Celery, list[str]], set[str]] | None = None,
         ageing: float = 120.0,
         promote: Callable[[Celery, Iterable[str]], set[str]] = promote,
+        free_slots: Callable[[Celery, Iterable[str]], object] | None = None,
     ) -> None:
         self.celery = celery
         self.sessions = sessions
@@ -87,6 +93,7 @@ class Mirror:
         self.answering = answering or _answering
         self.ageing = ageing
         self.promote = promote
+        self.free_slots = free_slots or _free_slots
         self.started = time.monotonic()
         self.events: queue.Queue[Event] = queue.Queue()
         self.stopping = threading.Event()
@@ -200,11 +207,7 @@ class Mirror:
         return views
 
     def _backend_view(self, task_id: str) -> BackendView | None:
-        try:
-            return view_from_meta(self.celery.backend.get_task_meta(task_id))
-        except Exception:  # result backend away: the event's own data is used instead
-            log.warning("mirror: cannot read the result of %s", task_id, exc_info=True)
-            return None
+        return read_view(self.celery, task_id)
 
     def _apply_task_event(self, session: Session, event: Event, views: dict[str, BackendView]) -> str | None:
         task_id = event.get("uuid")
@@ -408,6 +411,7 @@ class Mirror:
         ids = {task_id for task_id, _ in lost}
         finished = {task_id for task_id in ids if (v := self._backend_view(task_id)) and v.status.is_final}
         ids -= finished  # reconcile finishes those
+        self.free_slots(self.celery, ids)  # a dead worker's leases: the slots are free now, not at expiry
         requeued = self.requeue(self.celery, ids) if ids else set()
         waiting = self.queued(self.celery) if ids - requeued else set()
         with self.sessions.begin() as session:

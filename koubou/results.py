@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -10,6 +11,8 @@ from celery import states
 
 from .constants import TaskStatus
 from .jobs import DelegationFailed
+
+log = logging.getLogger(__name__)
 
 #: `error_type` of a delegation its client cancelled.
 CANCELLED = "Cancelled"
@@ -23,6 +26,15 @@ class BackendView:
     result: dict[str, Any] | None
     worker: str | None
     completed_at: datetime | None = None
+
+
+def read_view(app: Any, task_id: str) -> BackendView | None:
+    """The task's state from `app`'s result backend; None when it knows nothing or is unreachable."""
+    try:
+        return view_from_meta(app.backend.get_task_meta(task_id))
+    except Exception:  # the result backend being away must not break a status read or the mirror
+        log.warning("cannot read the result of %s from the result backend", task_id, exc_info=True)
+        return None
 
 
 def failure_result(error: BaseException | Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ..constants import (
 from ..db.models import AgentCommunicationRow, TaskRow
 from ..db.session import utcnow
 from ..jobs import DelegationJob, new_task_id
-from ..results import CANCELLED, BackendView, view_from_meta
+from ..results import BackendView, CANCELLED, read_view
 from ..streaming import read_progress
 from .context import ApiContext, APIError
 from .schemas import (
@@ -134,11 +134,7 @@ def _abbreviate(text: str, limit: int = 80) -> str:
 
 
 def backend_view(ctx: ApiContext, task_id: str) -> BackendView | None:
-    try:
-        return view_from_meta(ctx.celery.backend.get_task_meta(task_id))
-    except Exception:  # the result backend being down must not break status reads
-        log.warning("result backend unavailable while reading %s", task_id, exc_info=True)
-        return None
+    return read_view(ctx.celery, task_id)
 
 
 def effective_status(ctx: ApiContext, row: TaskRow) -> tuple[TaskStatus, BackendView | None]:
