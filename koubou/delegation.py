@@ -162,7 +162,7 @@ class Delegation:
                     if slots is None:
                         return backend, model, None
                     hold_for = max(1.0, self.deadline - time.monotonic())
-                    lease = self.leases.acquire(backend.name, slots, hold_for)
+                    lease = self.leases.acquire(backend.name, slots, hold_for, holder=self.job.task_id)
                     if lease is not None:
                         return backend, model, lease
             except redis.RedisError:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import redis
 
 LEASE_MARGIN = 30.0  # seconds a lease outlives its task's deadline
+HOLDER_SEP = "|"
 
 
 def slots_key(backend: str) -> str:
@@ -28,10 +29,14 @@ class SlotLeases:
         self.client = client
         self.clock = clock
 
-    def acquire(self, backend: str, slots: int, hold_for: float) -> str | None:
-        """A lease id when one of the backend's `slots` is free, else None. Atomic across workers."""
+    def acquire(self, backend: str, slots: int, hold_for: float, holder: str = "") -> str | None:
+        """A lease id when one of the backend's `slots` is free, else None. Atomic across workers.
+
+        The lease id starts with `holder` (the task id), so release_held_by() can free the slots
+        of tasks whose worker died without waiting for the leases to expire.
+        """
         key = slots_key(backend)
-        lease = uuid.uuid4().hex
+        lease = f"{holder}{HOLDER_SEP}{uuid.uuid4().hex}"
         with self.client.pipeline() as pipe:
             for _ in range(20):  # WATCH retries under contention; bounded
                 try:
@@ -52,6 +57,18 @@ class SlotLeases:
 
     def release(self, backend: str, lease: str) -> None:
         self.client.zrem(slots_key(backend), lease)
+
+    def release_held_by(self, holders: Iterable[str]) -> int:
+        """Free every lease, on every backend, held by these holders; return how many."""
+        prefixes = tuple(f"{holder}{HOLDER_SEP}" for holder in holders)
+        if not prefixes:
+            return 0
+        freed = 0
+        for key in self.client.scan_iter(match=slots_key("*")):
+            stale = [m for m in self.client.zrange(key, 0, -1) if m.decode().startswith(prefixes)]
+            if stale:
+                freed += int(self.client.zrem(key, *stale))
+        return freed
 
     def in_use(self, backend: str) -> int:
         return int(self.client.zcount(slots_key(backend), f"({self.clock()}", "+inf"))

@@ -348,7 +348,8 @@ def test_tasks_workers_and_backends_lists(system: System) -> None:
     listed = [task["task_id"] for task in body["tasks"]]
     assert listed.index(failed) < listed.index(done)  # newest first
     code, body = http("GET", f"{system.api}/tasks?status=failed&limit=200")
-    assert failed in [t["task_id"] for t in body["tasks"]] and all(t["status"] == "failed" for t in body["tasks"])
+    assert failed in [t["task_id"] for t in body["tasks"]]
+    assert all(t["status"] == "failed" for t in body["tasks"]), [(t["task_id"], t["status"]) for t in body["tasks"] if t["status"] != "failed"]
     code, body = http("GET", f"{system.api}/workers")
     assert code == 200 and any(w["status"] in ("idle", "busy") and w["tasks_completed"] > 0 for w in body["workers"])
     code, body = http("GET", f"{system.api}/backends")

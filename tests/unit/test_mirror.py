@@ -190,6 +190,7 @@ def reaper(sessions, store, requeued: set[str], queued: set[str], alive: set[str
         SimpleNamespace(backend=store), sessions,  # type: ignore[arg-type]
         requeue=lambda _app, ids: set(ids) & requeued, queued=lambda _app: queued,
         answering=lambda _app, workers: set(workers) & alive,
+        free_slots=lambda _app, ids: None,
     )  # fmt: skip
 
 

@@ -37,3 +37,12 @@ def test_concurrent_acquirers_never_exceed_the_slots() -> None:
     with ThreadPoolExecutor(max_workers=16) as pool:
         got = list(pool.map(lambda _: SlotLeases(fakeredis.FakeRedis(server=server)).acquire("b", 3, 60), range(64)))
     assert sum(lease is not None for lease in got) == 3
+
+
+def test_the_leases_of_a_dead_task_can_be_freed_at_once() -> None:
+    leases = SlotLeases(fakeredis.FakeRedis())
+    assert leases.acquire("a", 2, 60, holder="task_dead")
+    assert leases.acquire("b", 2, 60, holder="task_dead")
+    assert leases.acquire("a", 2, 60, holder="task_alive")
+    assert leases.release_held_by(["task_dead"]) == 2
+    assert (leases.in_use("a"), leases.in_use("b")) == (1, 0)
