@@ -126,7 +126,7 @@ class Delegation:
             began = time.monotonic()
             try:
                 with self.interruptible():
-                    answer = backend.chat(self._request(model), on_delta=self._on_delta)
+                    answer = self._call(backend, model)
             except BackendError as error:
                 failure: BackendError | None = error
             else:
@@ -190,6 +190,10 @@ class Delegation:
                     self.sleep(min(0.1 * 2**attempt, 1.0))
                 except SoftTimeLimitExceeded:
                     continue
+
+    def _call(self, backend: Backend, model: str) -> ChatResult:
+        """One call to the backend for this job (code tasks are routed here too)."""
+        return backend.chat(self._request(model), on_delta=self._on_delta)
 
     def _request(self, model: str) -> ChatRequest:
         remaining = self.deadline - time.monotonic()

@@ -20,6 +20,16 @@ def new_task_id(now: datetime | None = None) -> str:
     return f"task_{stamp}_{''.join(secrets.choice(_ID_ALPHABET) for _ in range(12))}"
 
 
+class ShippedFile(BaseModel):
+    """A file the API read at submit time; it travels with the task, so any worker has it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    #: The path relative to its workspace root, with `/` separators (how the model and Codex see it).
+    path: str
+    content: str
+
+
 class DelegationJob(BaseModel):
     """Everything a worker needs to run one delegation; it never reads the database."""
 
@@ -34,6 +44,7 @@ class DelegationJob(BaseModel):
     temperature: float | None = None
     num_ctx: int | None = None
     max_tokens: int | None = None
+    files: tuple[ShippedFile, ...] = ()
 
 
 class Outcome(BaseModel):
@@ -49,6 +60,9 @@ class Outcome(BaseModel):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     duration_ms: float | None = None
+    #: Code tasks: the unified diff of the workspace and the changed files' new contents.
+    diff: str | None = None
+    changed_files: dict[str, str] | None = None
     #: Every backend call (and routing failure) in order, with its error when it failed.
     attempts: list[dict[str, Any]] | None = None
 
