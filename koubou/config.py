@@ -14,13 +14,18 @@ from typing import Annotated, Literal
 
 from dotenv import dotenv_values
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 HOME_SUBDIRS = ("config", "db", "logs/agents", "logs/workers", "logs/system", "redis", "run")
 OLLAMA_DEFAULT_HOST = "http://127.0.0.1:11434"
+MIB = 1024 * 1024
+#: The most files one task may name, whatever KOUBOU_MAX_FILES says (the request model's bound).
+MAX_FILES_CAP = 1000
+#: Context windows koubou may send (Ollama's num_ctx), whatever the settings say.
+MIN_NUM_CTX, MAX_NUM_CTX_CAP = 256, 1_048_576
 
 
 class ConfigError(Exception):
@@ -88,6 +93,15 @@ class Settings(BaseSettings):
     retry_base_delay: float = Field(1.0, gt=0, le=60, validation_alias="KOUBOU_RETRY_BASE_DELAY")
     demo_model: bool = Field(True, validation_alias="KOUBOU_DEMO_MODEL")
     demo_port: Port = Field(8767, validation_alias="KOUBOU_DEMO_PORT")
+    # Files a task names (read by the API, shipped with the task): where they may be, how many, how big.
+    workspace_roots_setting: str | None = Field(None, validation_alias="KOUBOU_WORKSPACE_ROOTS")
+    max_files: int = Field(20, ge=0, le=MAX_FILES_CAP, validation_alias="KOUBOU_MAX_FILES")
+    max_file_bytes: int = Field(1 * MIB, ge=1, le=256 * MIB, validation_alias="KOUBOU_MAX_FILE_BYTES")
+    max_files_bytes: int = Field(4 * MIB, ge=1, le=256 * MIB, validation_alias="KOUBOU_MAX_FILES_BYTES")
+    # The context window sent to Ollama: one steady default (a change reloads the model), more
+    # only when the prompt needs it, never more than the maximum.
+    num_ctx: int = Field(8192, ge=MIN_NUM_CTX, le=MAX_NUM_CTX_CAP, validation_alias="KOUBOU_NUM_CTX")
+    max_num_ctx: int = Field(131072, ge=MIN_NUM_CTX, le=MAX_NUM_CTX_CAP, validation_alias="KOUBOU_MAX_NUM_CTX")
     # Clients of the API (CLI, Python client, MCP server):
     api_url_setting: str | None = Field(None, validation_alias="KOUBOU_API_URL")
     api_token: str | None = Field(None, validation_alias="KOUBOU_API_TOKEN")
@@ -137,9 +151,22 @@ class Settings(BaseSettings):
             raise ValueError("must be MAX,MIN with MAX >= MIN >= 0 and MAX >= 1, e.g. 4,1")
         return f"{int(match[1])},{int(match[2])}"
 
+    @model_validator(mode="after")
+    def _num_ctx_within_maximum(self) -> Settings:
+        if self.num_ctx > self.max_num_ctx:
+            raise ValueError(f"KOUBOU_NUM_CTX ({self.num_ctx}) must not exceed KOUBOU_MAX_NUM_CTX ({self.max_num_ctx})")
+        return self
+
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def workspace_roots(self) -> tuple[Path, ...]:
+        """Where task files may be read: KOUBOU_WORKSPACE_ROOTS (os.pathsep-separated, like PATH;
+        relative entries against the current directory), else the current directory. Symlinks resolved."""
+        entries = [e for e in (self.workspace_roots_setting or "").split(os.pathsep) if e.strip()]
+        return tuple(dict.fromkeys(Path(e.strip()).expanduser().resolve() for e in entries or [os.getcwd()]))
 
     @property
     def api_url(self) -> str:
@@ -271,7 +298,10 @@ def redacted(url: str) -> str:
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        name = ".".join(str(part) for part in item["loc"]) or "?"
+        if not item["loc"]:  # a check across settings: its message names them
+            lines.append(item["msg"].removeprefix("Value error, "))
+            continue
+        name = ".".join(str(part) for part in item["loc"])
         lines.append(f"{name}={item.get('input')!r}: {item['msg']}")
     return "invalid configuration: " + "; ".join(lines)
 
