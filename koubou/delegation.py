@@ -23,6 +23,7 @@ from .backends.base import (
     ChatResult,
 )
 from .jobs import DelegationFailed, DelegationJob, Outcome
+from .prompts import estimate_tokens, user_message
 from .results import CANCELLED
 from .routing import Router
 from .slots import SlotLeases
@@ -199,13 +200,16 @@ class Delegation:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise BackendTimeout(f"timed out: no time left of the task's {self.job.timeout:g}s")
+        # The shipped files go in the same message as the prompt (see prompts.user_message).
+        message = user_message(self.job.prompt, self.job.files)
         return ChatRequest(
             model=model,
-            messages=(ChatMessage("user", self.job.prompt),),
+            messages=(ChatMessage("user", message),),
             temperature=self.job.temperature,
             num_ctx=self.job.num_ctx,
             max_tokens=self.job.max_tokens,
             timeout=remaining,
+            prompt_tokens_estimate=estimate_tokens(message),
         )
 
     def _on_delta(self, text: str) -> None:

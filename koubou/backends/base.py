@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -46,8 +47,41 @@ class BackendRejected(BackendError):
     """The server refused the request as invalid (a 4xx other than 404/429)."""
 
 
+class PromptTooLong(BackendError):
+    """The server refused the prompt: it does not fit the model's context window."""
+
+
+class PromptTruncated(BackendError):
+    """The server cut the prompt to fit its context window and answered anyway: the answer is not
+    about the whole prompt, so it must not pass as a success."""
+
+
+# How servers word "the prompt does not fit": llama.cpp's server (and Ollama passing it on),
+# vLLM and OpenAI, Ollama's own engine. The sizes, when given, come out of the first two.
+_LLAMA_CPP_SIZES = re.compile(r"request \((\d+) tokens\) exceeds the available context size \((\d+) tokens\)")
+_VLLM_SIZES = re.compile(r"maximum context length is (\d+) tokens.*?(?:requested|resulted in) (\d+) tokens", re.S)
+_OVERFLOW = re.compile(r"exceed_context_size_error|context_length_exceeded|exceeds? the (?:available )?context|maximum context length", re.I)
+
+
+def prompt_too_long(where: str, detail: str) -> PromptTooLong | None:
+    """A PromptTooLong naming the sizes when `detail` is a server saying the prompt does not fit."""
+    if not _OVERFLOW.search(detail):
+        return None
+    sizes = ""
+    if found := _LLAMA_CPP_SIZES.search(detail):
+        sizes = f" ({found[1]} prompt tokens, context window {found[2]})"
+    elif found := _VLLM_SIZES.search(detail):
+        sizes = f" ({found[2]} tokens asked for, context window {found[1]})"
+    return PromptTooLong(
+        f"{where} refused the prompt: it does not fit the model's context window{sizes}. "
+        f"Send fewer or smaller files or a shorter prompt, or give the server a larger context. Server said: {detail[:300]}"
+    )
+
+
 def error_for_status(status: int, where: str, detail: str, model: str | None) -> BackendError:
     """The BackendError an HTTP error status means, the same for every server kind."""
+    if status in (400, 413) and (too_long := prompt_too_long(where, detail)) is not None:
+        return too_long
     if status == 404 and model is not None:
         return ModelNotFound(f"model {model!r} not found on {where} ({detail})")
     if status in (429, 503):
@@ -73,6 +107,8 @@ class ChatRequest:
     num_ctx: int | None = None
     max_tokens: int | None = None
     timeout: float = 120.0
+    #: The prompt's size in tokens as koubou estimated it (named in truncation errors).
+    prompt_tokens_estimate: int | None = None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ from koubou.backends.base import (
     ChatRequest,
     ChatResult,
     DeltaCallback,
+    PromptTruncated,
     error_for_status,
+    prompt_too_long,
 )
 
 #: Seconds to wait for a TCP connection, however long the call may take in all.
@@ -73,23 +75,16 @@ class OllamaBackend:
         started = time.monotonic()
         if not request.model:
             raise BackendRejected(f"no model named for ollama at {self.url}")
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        options: dict[str, Any] = {}
-        if request.temperature is not None:
-            options["temperature"] = request.temperature
-        if request.num_ctx is not None:
-            options["num_ctx"] = request.num_ctx
-        if request.max_tokens is not None:
-            options["num_predict"] = request.max_tokens
         with self._client(request.timeout) as client:
             if on_delta is None:
                 with self._errors(request.model, request.timeout):
-                    final = client.chat(request.model, messages, options=options or None, stream=False)
+                    final = self._send(client, request, stream=False)
                 output = final.message.content or ""
             else:
                 with self._errors(request.model, request.timeout):
-                    stream = client.chat(request.model, messages, options=options or None, stream=True)
+                    stream = self._send(client, request, stream=True)
                 output, final = self._consume(stream, request, started + request.timeout, on_delta)
+        self._check_truncation(request, final.prompt_eval_count)
         stats = {key: getattr(final, key) for key in _STATS if getattr(final, key) is not None}
         return ChatResult(
             output=output,
@@ -98,6 +93,49 @@ class OllamaBackend:
             completion_tokens=final.eval_count,
             duration_ms=(time.monotonic() - started) * 1000,
             extra=stats,
+        )
+
+    @staticmethod
+    def _send(client: ollama.Client, request: ChatRequest, stream: bool) -> Any:
+        """POST /api/chat with `truncate: false`.
+
+        Ollama cuts a prompt that does not fit num_ctx and answers anyway. Since the `truncate`
+        field exists (Ollama 0.12), `false` makes it answer HTTP 400 naming the sizes instead; older
+        servers ignore the field and truncate to exactly num_ctx tokens, which _check_truncation
+        catches. ollama-python's chat() has no `truncate` argument (0.6.3), so the body is built
+        here and sent through the client's own request method (its errors and stream parsing).
+        """
+        options: dict[str, Any] = {}
+        if request.temperature is not None:
+            options["temperature"] = request.temperature
+        if request.num_ctx is not None:
+            options["num_ctx"] = request.num_ctx
+        if request.max_tokens is not None:
+            options["num_predict"] = request.max_tokens
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "stream": stream,
+            "truncate": False,
+        }
+        if options:
+            body["options"] = options
+        return client._request(ollama.ChatResponse, "POST", "/api/chat", json=body, stream=stream)
+
+    def _check_truncation(self, request: ChatRequest, prompt_tokens: int | None) -> None:
+        """Raise PromptTruncated when the prompt filled the whole context window.
+
+        Ollama's runner cuts an over-long prompt to exactly num_ctx tokens and reports that count;
+        a prompt that really fills the window leaves no room for an answer either, so both fail.
+        """
+        if request.num_ctx is None or prompt_tokens is None or prompt_tokens < request.num_ctx:
+            return
+        estimate = request.prompt_tokens_estimate
+        raise PromptTruncated(
+            f"ollama at {self.url} cut the prompt to fit its context window and answered from the rest: "
+            f"it reported {prompt_tokens} prompt tokens, all of num_ctx {request.num_ctx}"
+            + (f", for a prompt koubou estimated at about {estimate} tokens" if estimate is not None else "")
+            + ". Send fewer or smaller files or a shorter prompt, or a larger options.num_ctx (up to what the model supports)."
         )
 
     def _consume(
@@ -154,7 +192,7 @@ class OllamaBackend:
         where, status, detail = f"ollama at {self.url}", exc.status_code, exc.error
         if status < 0:
             # An {"error": ...} line in the middle of a streamed answer.
-            return BackendServerError(f"{where} failed while answering: {detail}")
+            return prompt_too_long(where, detail) or BackendServerError(f"{where} failed while answering: {detail}")
         return error_for_status(status, where, detail, model)
 
     def _timeout_message(self, timeout: float) -> str:

@@ -24,6 +24,7 @@ from koubou.backends.base import (
     ChatResult,
     DeltaCallback,
     error_for_status,
+    prompt_too_long,
 )
 
 #: Seconds to wait for a TCP connection, however long the call may take in all.
@@ -190,8 +191,9 @@ class OpenAIBackend:
             raise self._status_error(exc, model) from exc
         except openai.OpenAIError as exc:
             # An error event in the middle of a stream, or an answer of the wrong shape.
+            # llama.cpp's server said "prompt too long" this way too, after an HTTP 200, until ggml-org/llama.cpp#16486.
             detail = _detail(exc) if isinstance(exc, openai.APIError) else str(exc)
-            raise BackendServerError(f"{where} failed while answering: {detail}") from exc
+            raise prompt_too_long(where, detail) or BackendServerError(f"{where} failed while answering: {detail}") from exc
 
     def _status_error(self, exc: openai.APIStatusError, model: str | None) -> BackendError:
         return error_for_status(exc.status_code, f"openai-compatible server at {self.url}", _detail(exc), model)

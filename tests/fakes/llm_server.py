@@ -25,6 +25,8 @@ from typing import Any
 OLLAMA_VERSION = "0.13.5"
 OLLAMA_BUSY = "server busy, please try again.  maximum pending requests exceeded"
 OLLAMA_ROLES = frozenset({"system", "user", "assistant", "tool"})
+#: Ollama's context window (num_ctx) when neither the request nor the server sets one.
+OLLAMA_DEFAULT_NUM_CTX = 4096
 OPENAI_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 #: (message, param, code) of an OpenAI-style 400, or a plain message for Ollama.
@@ -156,6 +158,14 @@ class _Aborted(Exception):
 
 class FakeLLMServer:
     """An Ollama- and OpenAI-compatible HTTP server with deterministic answers and test controls."""
+
+    #: Ollama side: like Ollama since 0.12, a request with `truncate: false` whose prompt is over
+    #: num_ctx gets HTTP 400 naming the sizes. False (the default): like older servers, which ignore
+    #: the field, cut the prompt to num_ctx tokens, report `prompt_eval_count` = num_ctx and answer.
+    honours_truncate: bool = False
+    #: OpenAI side: the context size of a llama.cpp server; a prompt over it gets llama.cpp's HTTP 400
+    #: `exceed_context_size_error`. None: no limit.
+    openai_n_ctx: int | None = None
 
     def __init__(
         self,
@@ -521,6 +531,12 @@ class _Handler(BaseHTTPRequestHandler):
             messages = [*system, {"role": "user", "content": body.get("prompt", "")}]
         answer = fake_answer(model, messages)
         prompt_tokens, completion_tokens = fake_prompt_tokens(messages), fake_completion_tokens(answer)
+        num_ctx = (body.get("options") or {}).get("num_ctx") or OLLAMA_DEFAULT_NUM_CTX
+        if prompt_tokens > num_ctx:
+            if body.get("truncate") is False and self.server.fake.honours_truncate:
+                self._error("ollama", 400, json.dumps(_llama_cpp_overflow(prompt_tokens, num_ctx)))
+                return
+            prompt_tokens = num_ctx  # what Ollama's runner keeps and reports; it answers anyway
 
         def piece(text: str) -> dict[str, Any]:
             head = {"model": model, "created_at": _now()}
@@ -568,6 +584,10 @@ class _Handler(BaseHTTPRequestHandler):
         messages = body["messages"]
         answer = fake_answer(model, messages)
         prompt_tokens, completion_tokens = fake_prompt_tokens(messages), fake_completion_tokens(answer)
+        n_ctx = self.server.fake.openai_n_ctx
+        if n_ctx is not None and prompt_tokens > n_ctx:
+            self._json(400, _llama_cpp_overflow(prompt_tokens, n_ctx))
+            return
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -616,6 +636,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._write_chunk(f"data: {json.dumps(chunk)}\n\n")
         self._write_chunk("data: [DONE]\n\n")
         self._end_stream()
+
+
+def _llama_cpp_overflow(prompt_tokens: int, n_ctx: int) -> dict[str, Any]:
+    """llama.cpp server's answer to a prompt over its context (Ollama passes it on as its error text)."""
+    message = f"request ({prompt_tokens} tokens) exceeds the available context size ({n_ctx} tokens), try increasing it"
+    error = {"code": 400, "message": message, "type": "exceed_context_size_error", "n_prompt_tokens": prompt_tokens, "n_ctx": n_ctx}
+    return {"error": error}
 
 
 def _ollama_model(name: str) -> dict[str, Any]:
