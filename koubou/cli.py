@@ -337,11 +337,14 @@ def _prompt(value: str) -> str:
 
 
 def _files(paths: list[str] | None) -> list[str] | None:
+    """Paths as the API needs them: relative ones made absolute against this shell's directory.
+
+    `--file src/a.py` means the file here, as with any command; sent as is, the API would take it
+    against its first workspace root. Nothing else is checked here: the API reads the files and
+    is the one judge of what may be read (and it may run on another machine).
+    """
     if not paths:
         return None
-    for path in paths:
-        if not os.path.isfile(path):
-            raise _BadInput(f"no such file: {path}")
     return [os.path.abspath(path) for path in paths]
 
 
@@ -532,7 +535,7 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     delegate = sub.add_parser("delegate", parents=[common], help="delegate a prompt; prints the task id, or with --wait the answer")
     delegate.add_argument("prompt", help="the prompt; - reads it from stdin")
     delegate.add_argument("--type", choices=("general", "code"), default="general")
-    delegate.add_argument("--file", action="append", metavar="F", help="a file for the task (repeatable; the API refuses files for now)")
+    delegate.add_argument("--file", action="append", metavar="F", help="a text file for the task, read by the API (repeatable; inside its KOUBOU_WORKSPACE_ROOTS)")
     delegate.add_argument("--priority", type=int, default=5, metavar="N", help="1-10, 10 most urgent (default 5)")
     delegate.add_argument("--model", metavar="M", help="model (default: the system's KOUBOU_DEFAULT_MODEL)")
     delegate.add_argument("--timeout", type=float, metavar="S", help="seconds the task may take (default 120)")

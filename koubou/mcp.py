@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -44,11 +45,12 @@ T = TypeVar("T")
 INSTRUCTIONS = """\
 koubou runs LLM work on local models (Ollama, LM Studio, vLLM, llama.cpp) through a task queue.
 Delegate work that is long, self-contained and needs no access to this conversation or the
-repository beyond what you paste into the prompt: summaries of long text or logs, first drafts of
-docs, commit messages or release notes, boilerplate and test scaffolding, translations, reviews of
-code you paste in. It saves your own context and tokens while you go on with other work. Do not
-delegate tiny questions (answering them yourself is faster), or work that needs tools, files you
-have not pasted, or your judgement on the whole task.
+repository beyond what you paste into the prompt or name in `files` (text files, absolute paths:
+koubou reads them and gives them to the model with their paths): summaries of long text or logs,
+first drafts of docs, commit messages or release notes, boilerplate and test scaffolding,
+translations, reviews of code. It saves your own context and tokens while you go on with other
+work. Do not delegate tiny questions (answering them yourself is faster), or work that needs
+tools, the whole repository, or your judgement on the whole task.
 Use: delegate(prompt=...) returns a task id at once; then call wait(task_id=...) in a loop until
 its status is final (completed, failed or cancelled): each wait blocks at most ~45 s. result(task_id)
 gives the answer again later. Check the answer before you use it: local models are smaller than you.
@@ -59,8 +61,9 @@ Hand a self-contained LLM job to a local model via koubou; returns the task id a
 Worth it for long, self-contained work: summarising long text or logs, drafting docs, commit
 messages or release notes, boilerplate, test scaffolding, translation, reviewing code you paste
 into the prompt. Not worth it for tiny questions you can answer at once, or work that needs
-tools or files: the model sees only the prompt (put everything it needs in it; `files` is not
-supported yet). Then call `wait(task_id)` in a loop until the status is final, or pass
+tools or the whole repository: the model sees only the prompt and the `files` you name (UTF-8
+text files inside koubou's workspace roots, at most 20, 1 MiB each, 4 MiB in all; give absolute
+paths). Then call `wait(task_id)` in a loop until the status is final, or pass
 `wait: true` to wait here (up to max_wait seconds, at most 50) for a short job.
 """
 
@@ -237,7 +240,11 @@ def build_server(client: KoubouClient | None = None) -> MCPServer:
         temperature: Annotated[float | None, Field(description="0-2.")] = None,
         num_ctx: Annotated[int | None, Field(description="Context window in tokens (Ollama's num_ctx).")] = None,
         max_tokens: Annotated[int | None, Field(description="Longest answer, in tokens.")] = None,
-        files: Annotated[list[str] | None, Field(description="Not supported yet: paste file contents into the prompt.")] = None,
+        files: Annotated[
+            list[str] | None,
+            Field(description="Text files the model gets with the prompt, each with its path: absolute paths "
+                  "(relative ones are taken against this server's directory), inside koubou's workspace roots."),
+        ] = None,
         idempotency_key: Annotated[str | None, Field(description="Same key on a retry returns the same task instead of a new one.")] = None,
         wait: Annotated[bool, Field(description="Wait here for the answer, up to max_wait seconds.")] = False,
         max_wait: Annotated[float | None, Field(description=f"With wait: seconds to wait (default {DEFAULT_MAX_WAIT:g}, at most {MAX_WAIT_CAP:g}).")] = None,
@@ -245,7 +252,9 @@ def build_server(client: KoubouClient | None = None) -> MCPServer:
         seconds, note = _max_wait(max_wait)
         answer = await tools.call(
             tools.client.delegate, prompt, type=type, priority=priority, model=model, timeout=timeout,
-            temperature=temperature, num_ctx=num_ctx, max_tokens=max_tokens, files=files,
+            temperature=temperature, num_ctx=num_ctx, max_tokens=max_tokens,
+            # As the CLI does: a relative path means one here, not one under the API's first root.
+            files=[os.path.abspath(path) for path in files] if files is not None else None,
             idempotency_key=idempotency_key,
         )  # fmt: skip
         task_id = answer["task_id"]

@@ -118,6 +118,9 @@ def plan_services(settings: Settings, python: str = sys.executable) -> tuple[lis
     settings.configured_backends()  # a bad backends file stops the start, naming the file
     settings.flower_auth()  # created once here, before Flower starts
     env = {**os.environ, "KOUBOU_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    # Files are read by the API process: pin its roots to what they are here (by default the
+    # directory `koubou up` was started in), whatever directory a child ends up running in.
+    env["KOUBOU_WORKSPACE_ROOTS"] = os.pathsep.join(str(root) for root in settings.workspace_roots)
     services: list[Service] = []
     logs = home / "logs"
     if settings.uses_embedded_broker:

@@ -20,8 +20,20 @@ from ..celery import app as celery_app
 from ..config import Settings, get_settings
 from ..db.models import TaskRow, WorkerRow
 from ..db.session import make_engine, make_session_factory
+from ..prompts import ExceedsMaxContext
 from ..routing import build_router
 from ..streaming import event_stream
+from ..workspace import (
+    FileMissing,
+    FileRefused,
+    FileTooLarge,
+    FileUnreadable,
+    NotRegularFile,
+    NotText,
+    OutsideWorkspace,
+    TooManyFiles,
+    Workspace,
+)
 from . import auth
 from .context import ApiContext, APIError
 from .health import backend_reports, health_report, queue_depths
@@ -52,6 +64,16 @@ from .schemas import (
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+#: How each refused file is answered: (HTTP status, error); the detail names the path and the reason.
+FILE_ERRORS: dict[type[FileRefused], tuple[int, str]] = {
+    OutsideWorkspace: (400, "file outside the workspace"),
+    NotRegularFile: (400, "not a regular file"),
+    NotText: (400, "not a text file"),
+    FileMissing: (404, "file not found"),
+    FileUnreadable: (403, "file not readable"),
+    FileTooLarge: (413, "files too large"),
+    TooManyFiles: (413, "too many files"),
+}
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -64,6 +86,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         sessions=make_session_factory(make_engine(settings.database_url)),
         router=build_router(settings),
         redis=redis.Redis.from_url(settings.broker, socket_timeout=2, socket_connect_timeout=2),
+        workspace=Workspace.from_settings(settings),
     )
     app = Flask("koubou")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -106,7 +129,9 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
     @app.post("/task/delegate")
     @spec.validate(
         json=DelegateRequest,
-        resp=SpecResponse(HTTP_200=DelegateResponse, HTTP_202=DelegateResponse, **error_responses),
+        resp=SpecResponse(
+            HTTP_200=DelegateResponse, HTTP_202=DelegateResponse, HTTP_403=ErrorResponse, HTTP_413=ErrorResponse, **error_responses
+        ),
         skip_validation=True,
     )
     def delegate() -> tuple[Response, int]:
@@ -222,6 +247,17 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(APIError)
     def _api_error(error: APIError) -> tuple[Response, int]:
         return jsonify(ErrorResponse(error=error.error, detail=error.detail).model_dump()), error.status
+
+    @app.errorhandler(FileRefused)
+    def _file_refused(error: FileRefused) -> tuple[Response, int]:
+        status, message = FILE_ERRORS.get(type(error), (400, "file refused"))
+        detail = {"path": error.path, "reason": error.reason} if error.path is not None else {"reason": error.reason}
+        return jsonify(ErrorResponse(error=message, detail=detail).model_dump()), status
+
+    @app.errorhandler(ExceedsMaxContext)
+    def _too_large_for_context(error: ExceedsMaxContext) -> tuple[Response, int]:
+        detail = {"estimated_tokens": error.estimated, "max_num_ctx": error.maximum, "reason": str(error)}
+        return jsonify(ErrorResponse(error="prompt too large for the context window", detail=detail).model_dump()), 413
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> tuple[Response, int]:

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import Settings
 from ..routing import Router
+from ..workspace import Workspace
 
 
 class APIError(Exception):
@@ -30,3 +31,4 @@ class ApiContext:
     sessions: sessionmaker[Session]
     router: Router
     redis: Redis  # the broker's Redis
+    workspace: Workspace  # where task files may be read from, and the limits

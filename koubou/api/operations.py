@@ -20,7 +20,8 @@ from ..constants import (
 )
 from ..db.models import AgentCommunicationRow, TaskRow
 from ..db.session import utcnow
-from ..jobs import DelegationJob, new_task_id
+from ..jobs import DelegationJob, ShippedFile, new_task_id
+from ..prompts import context_window, estimate_tokens, user_message
 from ..results import BackendView, CANCELLED, read_view
 from ..streaming import read_progress
 from .context import ApiContext, APIError
@@ -63,6 +64,8 @@ def submit_once(ctx: ApiContext, body: DelegateRequest, client_key: str | None) 
 def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
     settings = ctx.settings
     timeout = min(body.options.timeout, float(settings.max_task_time))
+    # Read now, on the API's machine, so the task carries them to whichever worker runs it.
+    files = ctx.workspace.read(body.files) if body.files else ()
     job = DelegationJob(
         task_id=task_id,
         type=body.type,
@@ -71,8 +74,9 @@ def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
         priority=body.priority,
         timeout=timeout,
         temperature=body.options.temperature,
-        num_ctx=body.options.num_ctx,
+        num_ctx=_num_ctx(ctx, body, files),
         max_tokens=body.options.max_tokens,
+        files=files,
     )
     now = utcnow()
     # The row exists before the message does, so the mirror never sees an unknown task.
@@ -83,7 +87,7 @@ def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
                 task_type=body.type.value,
                 status=TaskStatus.PENDING.value,
                 priority=body.priority,
-                content=job.model_dump(mode="json"),
+                content=_row_content(job),
                 agent_id=g.get("agent_id"),
                 created_at=now,
                 updated_at=now,
@@ -95,7 +99,8 @@ def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
             DELEGATE_TASK,
             args=[job.model_dump(mode="json")],
             # What Flower shows: readable, with the prompt abbreviated.
-            argsrepr=f"{body.type.value} model={job.model} prompt={_abbreviate(body.prompt)!r}",
+            argsrepr=f"{body.type.value} model={job.model} prompt={_abbreviate(body.prompt)!r}"
+            + (f" files={len(files)}" if files else ""),
             kwargsrepr="{}",
             task_id=task_id,
             queue=queue_for_priority(body.priority),
@@ -114,6 +119,32 @@ def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
                 row.updated_at = utcnow()
         raise APIError(503, "broker unavailable", f"the task was not queued: {error}") from None
     return task_id
+
+
+def _num_ctx(ctx: ApiContext, body: DelegateRequest, files: tuple[ShippedFile, ...]) -> int:
+    """The task's own options.num_ctx, else a window that fits the prompt as it will be sent.
+
+    Ollama cuts a prompt longer than num_ctx (default 4096) without an error, so koubou always
+    sends one; a prompt too large for KOUBOU_MAX_NUM_CTX is refused here (413), before it queues.
+    """
+    if body.options.num_ctx is not None:
+        return body.options.num_ctx
+    tokens = estimate_tokens(user_message(body.prompt, files))
+    return context_window(tokens, body.options.max_tokens, ctx.settings.num_ctx, ctx.settings.max_num_ctx)
+
+
+def _row_content(job: DelegationJob) -> dict[str, Any]:
+    """The job as task_master.content keeps it: each file's path, size and SHA-256, not its text.
+
+    The row is history, kept for good; file contents can be megabytes (and private), and the
+    message the worker runs from carries them already.
+    """
+    content = job.model_dump(mode="json", exclude={"files"})
+    content["files"] = [
+        {"path": f.path, "bytes": len(f.content.encode()), "sha256": hashlib.sha256(f.content.encode()).hexdigest()}
+        for f in job.files
+    ]
+    return content
 
 
 def _communication(task_id: str, kind: str, details: dict[str, Any]) -> AgentCommunicationRow:

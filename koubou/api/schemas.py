@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..config import MAX_FILES_CAP
 from ..constants import TaskStatus, TaskType
 
 MAX_PROMPT_CHARS = 1_000_000
+#: The longest file path accepted (Linux's PATH_MAX).
+MAX_PATH_CHARS = 4096
 
 
 class TaskOptions(BaseModel):
@@ -32,7 +35,16 @@ class DelegateRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     priority: int = Field(5, ge=1, le=10, description="1-10, 10 most urgent.")
     sync: bool = False
-    files: list[str] = Field(default_factory=list, description="Not supported yet: must be empty.")
+    files: list[Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS)]] = Field(
+        default_factory=list,
+        max_length=MAX_FILES_CAP,
+        description=(
+            "Paths of UTF-8 text files on the API's machine, inside KOUBOU_WORKSPACE_ROOTS (relative paths: "
+            "against the first root). The API reads them at submit time and ships their contents with the task; "
+            "a general task gets them in its prompt, each delimited with its path. At most KOUBOU_MAX_FILES "
+            "(20) files, KOUBOU_MAX_FILE_BYTES (1 MiB) each, KOUBOU_MAX_FILES_BYTES (4 MiB) in all."
+        ),
+    )
     options: TaskOptions = Field(default_factory=TaskOptions)
 
     @field_validator("prompt")
@@ -40,15 +52,6 @@ class DelegateRequest(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt must not be blank")
-        return value
-
-    @field_validator("files")
-    @classmethod
-    def _no_files_yet(cls, value: list[str]) -> list[str]:
-        # Reading files on the API host and shipping them with the task is not built
-        # yet; refusing is better than accepting them and silently ignoring them.
-        if value:
-            raise ValueError("files are not supported yet: send their content in the prompt")
         return value
 
 

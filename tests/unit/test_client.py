@@ -151,12 +151,18 @@ def api() -> Iterator[FakeAPI]:
 
 
 def test_api_errors_carry_status_error_and_detail(api: FakeAPI) -> None:
-    detail = [{"field": "files", "message": "Value error, files are not supported yet"}]
+    detail = [{"field": "priority", "message": "Input should be less than or equal to 10"}]
     api.routes["POST", "/task/delegate"] = answer(400, {"error": "invalid request", "detail": detail})
     with api.client() as client, pytest.raises(KoubouAPIError) as raised:
-        client.delegate("hi", files=["/etc/hosts"])
+        client.delegate("hi", priority=11)
     assert (raised.value.status, raised.value.error, raised.value.detail) == (400, "invalid request", detail)
-    assert "files: Value error, files are not supported yet" in str(raised.value)
+    assert "priority: Input should be less than or equal to 10" in str(raised.value)
+    refused = {"path": "/etc/hosts", "reason": "resolves to /etc/hosts, outside the workspace roots"}
+    api.routes["POST", "/task/delegate"] = answer(400, {"error": "file outside the workspace", "detail": refused})
+    with api.client() as client, pytest.raises(KoubouAPIError) as raised:
+        client.delegate("hi", files=["/etc/hosts"])
+    assert raised.value.detail == refused
+    assert str(raised.value) == "400 file outside the workspace: path=/etc/hosts, reason=resolves to /etc/hosts, outside the workspace roots"
 
 
 def test_cancel_of_a_final_task_raises_409(api: FakeAPI) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from koubou.config import load_settings
 from koubou.jobs import ShippedFile
+from koubou.services import plan_services
 from koubou.workspace import (
     FileLimits,
     FileMissing,
@@ -22,6 +23,7 @@ from koubou.workspace import (
     TooManyFiles,
     Workspace,
 )
+from tests.harness import free_port
 
 
 @pytest.fixture
@@ -231,3 +233,15 @@ def test_a_directory_swapped_for_a_symlink_after_resolving_is_not_followed(tree:
     with pytest.raises(OutsideWorkspace) as caught:
         ws._read("src/a.py", real, root)
     assert "changed while it was being read" in caught.value.reason
+
+
+def test_koubou_up_pins_the_roots_for_the_processes_it_starts(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tree / "root")
+    settings = load_settings(
+        {"KOUBOU_HOME": str(tree / "home"), "KOUBOU_REDIS_PORT": str(free_port()), "OLLAMA_HOST": "http://127.0.0.1:9"}
+    )
+    services, env = plan_services(settings)
+    assert env["KOUBOU_WORKSPACE_ROOTS"] == str((tree / "root").resolve())
+    assert all(service.env["KOUBOU_WORKSPACE_ROOTS"] == env["KOUBOU_WORKSPACE_ROOTS"] for service in services)
+    monkeypatch.chdir(tree / "outside")  # a child starting elsewhere still reads the same roots
+    assert load_settings(env).workspace_roots == ((tree / "root").resolve(),)
