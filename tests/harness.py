@@ -104,6 +104,8 @@ class System:
     flower_port: int
     redis_port: int
     process: subprocess.Popen[bytes] | None = None
+    #: Where `koubou up` runs (the default workspace root); the repository unless a test says otherwise.
+    cwd: Path = REPO
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -120,7 +122,7 @@ class System:
     def start(self, wait_for_workers: bool = True, timeout: float = 120) -> System:
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "koubou", "up"], cwd=REPO, env=self.env,
+                [sys.executable, "-m", "koubou", "up"], cwd=self.cwd, env=self.env,
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + timeout

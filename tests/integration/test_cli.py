@@ -148,12 +148,13 @@ def test_ctrl_c_leaves_the_task_running_and_cancel_stops_it(system: System, open
     assert system.wait_final(task_id[1], timeout=30)["status"] == "cancelled"
 
 
-def test_files_are_refused_with_the_apis_error(system: System, tmp_path: Path) -> None:
-    notes = tmp_path / "notes.txt"
+def test_a_file_outside_the_workspace_is_refused_with_the_apis_error(system: System, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"  # the system's workspace root is the repository, where it was started
     notes.write_text("some notes")
     done = koubou(system, "delegate", "summarise", "--file", str(notes))
-    assert done.returncode == 4
-    assert len(done.stderr.strip().splitlines()) == 1 and "files are not supported yet" in done.stderr
+    assert done.returncode == 4 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "file outside the workspace" in done.stderr and f"path={notes}" in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -206,7 +206,7 @@ def test_bad_arguments_are_tool_errors(server: StdioServerParameters | str) -> N
             refused(await client.call_tool("delegate", {"prompt": "x", "priority": 42}), "400", "priority")
             refused(await client.call_tool("delegate", {"prompt": ""}), "400", "prompt")
             refused(await client.call_tool("delegate", {"prompt": "x", "type": "poem"}), "400", "type")
-            refused(await client.call_tool("delegate", {"prompt": "x", "files": ["a.py"]}), "400", "files")
+            refused(await client.call_tool("delegate", {"prompt": "x", "files": ["../outside.txt"]}), "400", "outside the workspace")
             refused(await client.call_tool("delegate", {"prompt": "x", "temperature": 9}), "400", "temperature")
             refused(await client.call_tool("list_tasks", {"status": "sleeping"}), "400", "status")
             refused(await client.call_tool("status", {"task_id": "task_20990101_000000_nonexistent0"}), "404")
