@@ -99,8 +99,8 @@ class OllamaBackend:
     def _send(client: ollama.Client, request: ChatRequest, stream: bool) -> Any:
         """POST /api/chat with `truncate: false`.
 
-        Ollama cuts a prompt that does not fit num_ctx and answers anyway. Since the `truncate`
-        field exists (Ollama 0.12), `false` makes it answer HTTP 400 naming the sizes instead; older
+        Ollama cuts a prompt that does not fit num_ctx and answers anyway. Servers that know the
+        `truncate` field (ollama/ollama#12519) answer HTTP 400 naming the sizes instead; older
         servers ignore the field and truncate to exactly num_ctx tokens, which _check_truncation
         catches. ollama-python's chat() has no `truncate` argument (0.6.3), so the body is built
         here and sent through the client's own request method (its errors and stream parsing).

@@ -159,7 +159,7 @@ class _Aborted(Exception):
 class FakeLLMServer:
     """An Ollama- and OpenAI-compatible HTTP server with deterministic answers and test controls."""
 
-    #: Ollama side: like Ollama since 0.12, a request with `truncate: false` whose prompt is over
+    #: Ollama side: like Ollama with the `truncate` field, a request with `truncate: false` whose prompt is over
     #: num_ctx gets HTTP 400 naming the sizes. False (the default): like older servers, which ignore
     #: the field, cut the prompt to num_ctx tokens, report `prompt_eval_count` = num_ctx and answer.
     honours_truncate: bool = False
