@@ -265,6 +265,8 @@ class KoubouClient:
         """`POST /task/delegate`; the API's answer `{"task_id", "status", "result"}`.
 
         With `sync`, the call waits up to the task's timeout (plus a margin) for the answer.
+        `files` go as given: paths on the API's machine (a relative one is taken against its first
+        workspace root; the CLI and MCP server make them absolute against their own directory first).
         """
         options = {"model": model, "timeout": timeout, "temperature": temperature, "num_ctx": num_ctx, "max_tokens": max_tokens}
         body: dict[str, Any] = {"type": type, "prompt": prompt, "priority": priority, "sync": sync}

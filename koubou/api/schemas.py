@@ -22,7 +22,7 @@ class TaskOptions(BaseModel):
     timeout: float = Field(120.0, gt=0, le=86400, allow_inf_nan=False, description="Seconds the task may take; with sync, how long to wait.")
     model: str | None = Field(None, min_length=1, max_length=200, description="Model name; default KOUBOU_DEFAULT_MODEL.")
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
-    num_ctx: int | None = Field(None, ge=256, le=1_048_576, description="Context window (Ollama's num_ctx).")
+    num_ctx: int | None = Field(None, ge=256, le=1_048_576, description="Context window (Ollama's num_ctx); default: KOUBOU_NUM_CTX, or larger when the prompt and files need it.")
     max_tokens: int | None = Field(None, ge=1, le=1_048_576, description="Longest answer, in tokens.")
 
 
