@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.koubou-installed
 
-.PHONY: up test install lint clean
+.PHONY: up test install system-packages lint clean
 
 install: $(STAMP)
 
@@ -20,8 +20,12 @@ $(STAMP): requirements.txt requirements-demo.txt requirements-test.txt pyproject
 up: $(STAMP)
 	$(VENV)/bin/koubou up
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Debian packages some integration tests need (iproute2, chromium): installed when missing and root.
+system-packages:
+	@bash tests/system-packages.sh
 
 clean:
 	rm -rf $(VENV) .koubou .pytest_cache

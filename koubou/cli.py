@@ -191,11 +191,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return _celery(argv)
 
 
+#: Flower's tasks page shows no arguments by default; koubou's (type, model, abbreviated prompt) say what a task is.
+FLOWER_TASK_COLUMNS = "name,uuid,state,args,received,runtime,worker"
+
+
 def cmd_flower(args: argparse.Namespace) -> int:
     settings = _settings()
     # Through Flower's own environment variable, so the password shows in no process list or log.
     os.environ["FLOWER_BASIC_AUTH"] = settings.flower_auth()
-    return _celery(["celery", "-A", "koubou", "flower", f"--port={settings.flower_port}", "--address=127.0.0.1", *args.celery_args])
+    # Flower takes the last of a repeated option: the caller's own options win over these.
+    return _celery(["celery", "-A", "koubou", "flower", f"--port={settings.flower_port}", "--address=127.0.0.1",
+                    f"--tasks_columns={FLOWER_TASK_COLUMNS}", *args.celery_args])  # fmt: skip
 
 
 def _celery(argv: list[str]) -> int:

@@ -235,10 +235,11 @@ class Mirror:
                 return None  # succeeded, but the result is unreadable now: reconcile will finish it
         elif row.last_event_at is not None and stamp < row.last_event_at:
             return None  # an older event arriving late
+        before = row.status
         self._set_status(row, status, result, worker, _when(stamp))
         row.last_event_at = max(stamp, row.last_event_at or 0.0)
         if worker:
-            self._ensure_worker(session, worker, busy=status == TaskStatus.IN_PROGRESS, stamp=stamp)
+            self._follow_task(self._ensure_worker(session, worker, stamp=stamp), before, status)
         if status == TaskStatus.COMPLETED and worker and result and result.get("model"):
             session.execute(update(WorkerRow).where(WorkerRow.worker_id == worker).values(model_name=result["model"]))
         return worker
@@ -273,7 +274,7 @@ class Mirror:
             row.completed_at = when
             row.result = result
 
-    def _ensure_worker(self, session: Session, worker_id: str, busy: bool, stamp: float) -> WorkerRow:
+    def _ensure_worker(self, session: Session, worker_id: str, stamp: float) -> WorkerRow:
         row = session.get(WorkerRow, worker_id)
         if row is None:
             row = WorkerRow(
@@ -290,16 +291,26 @@ class Mirror:
             )
             session.add(row)
             session.flush()
-        if busy:
-            row.status = WorkerStatus.BUSY.value
         return row
+
+    @staticmethod
+    def _follow_task(worker: WorkerRow, before: str, after: TaskStatus) -> None:
+        """A task starting or ending moves its worker's row at once; the next heartbeat (2 s) has the exact count."""
+        running = TaskStatus.IN_PROGRESS.value
+        if after == TaskStatus.IN_PROGRESS and before != running:
+            # The heartbeat that counts this task may already be applied: at least one, never counted twice.
+            worker.status, worker.active_tasks = WorkerStatus.BUSY.value, max(worker.active_tasks or 0, 1)
+        elif before == running and after != TaskStatus.IN_PROGRESS:
+            worker.active_tasks = max((worker.active_tasks or 0) - 1, 0)
+            if worker.active_tasks == 0 and worker.status == WorkerStatus.BUSY.value:
+                worker.status = WorkerStatus.IDLE.value
 
     def _apply_worker_event(self, session: Session, event: Event) -> None:
         worker_id = event.get("hostname")
         if not worker_id:
             return
         stamp = float(event.get("timestamp") or time.time())
-        row = self._ensure_worker(session, worker_id, busy=False, stamp=stamp)
+        row = self._ensure_worker(session, worker_id, stamp=stamp)
         if row.last_heartbeat is not None and _when(stamp) < row.last_heartbeat:
             return
         pid = event.get("pid")
@@ -370,7 +381,7 @@ class Mirror:
                     continue
                 self._set_status(row, view.status, view.result, view.worker, view.completed_at or utcnow())
                 if view.worker:
-                    self._ensure_worker(session, view.worker, busy=False, stamp=time.time())
+                    self._ensure_worker(session, view.worker, stamp=time.time())
                     touched.add(view.worker)
             self._recount(session, touched)
             session.add(

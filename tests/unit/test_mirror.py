@@ -150,6 +150,32 @@ def test_worker_rows_follow_heartbeats_and_counters_are_derived(mirror: Mirror, 
         assert session.get(WorkerRow, WORKER).status == "offline"  # type: ignore[union-attr]
 
 
+def test_a_worker_is_busy_from_its_task_start_and_idle_from_its_last_task_end(mirror: Mirror, sessions, store) -> None:
+    def worker() -> tuple[str, int]:
+        with sessions() as session:
+            found = session.get(WorkerRow, WORKER)
+            assert found is not None
+            return found.status, found.active_tasks
+
+    for task_id in ("r1", "r2"):
+        add_pending(sessions, task_id)
+    mirror.apply([event("worker-online", active=0, pid=7)])
+    mirror.apply([event("task-started", "r1")])
+    assert worker() == ("busy", 1)  # at once, not at the next heartbeat
+    mirror.apply([event("worker-heartbeat", active=1)])  # the heartbeat that counts r1 too
+    mirror.apply([event("task-started", "r2")])
+    mirror.apply([event("worker-heartbeat", active=2)])
+    assert worker() == ("busy", 2)
+    succeeded(store, "r1", "one")
+    mirror.apply([event("task-succeeded", "r1")])
+    assert worker() == ("busy", 1)
+    mirror.apply([event("task-succeeded", "r1")])  # redelivered: counts down once only
+    assert worker() == ("busy", 1)
+    store.metas["r2"] = {"status": "FAILURE", "result": RuntimeError("boom")}
+    mirror.apply([event("task-failed", "r2")])
+    assert worker() == ("idle", 0)
+
+
 def test_silent_workers_go_offline(mirror: Mirror, sessions) -> None:
     mirror.apply([event("worker-heartbeat", ts=time.time() - 60, active=0)])
     mirror.mark_offline()
