@@ -125,7 +125,7 @@ class SlotAwareAutoscaler(Autoscaler):
             self._shrink(-change)
         else:
             return False
-        self._sync_prefetch()
+        self._sync_prefetch(grown=max(change, 0))
         return True
 
     def _quiet_for(self) -> float:
@@ -166,21 +166,23 @@ class SlotAwareAutoscaler(Autoscaler):
             self._broker_quiet_until = now + BROKER_BACKOFF
             return 0
 
-    def _sync_prefetch(self) -> None:
+    def _sync_prefetch(self, grown: int = 0) -> None:
         """Let the worker hold at most one message per process (times the prefetch multiplier).
 
         Celery starts an autoscaling worker with the prefetch of MAX processes and leaves it there.
+        The prefetch rises only with the pool: after a broker reconnection Celery lowers it and
+        raises it back step by step as running tasks finish, which this must not undo.
         """
         consumer = getattr(self.worker, "consumer", None)
         qos = getattr(consumer, "qos", None)
         if qos is None or not consumer.initial_prefetch_count:
             return  # not connected yet, or prefetch disabled
         wanted = max(self.processes, 1) * consumer.prefetch_multiplier
-        consumer.initial_prefetch_count = wanted  # what a reconnection starts with
+        consumer.initial_prefetch_count = wanted  # what a reconnection starts from
         if qos.value > wanted:
             qos.decrement_eventually(qos.value - wanted)
-        elif qos.value < wanted:
-            qos.increment_eventually(wanted - qos.value)
+        elif grown:
+            qos.increment_eventually(min(grown * consumer.prefetch_multiplier, wanted - qos.value))
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "capacity": self.capacity, "idle_after": self.idle_after}

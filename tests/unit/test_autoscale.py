@@ -168,6 +168,17 @@ def test_the_prefetch_follows_the_pool_not_max() -> None:
     assert scaler.worker.consumer.qos.value == 1 and scaler.worker.consumer.initial_prefetch_count == 1
 
 
+def test_a_prefetch_celery_lowered_after_a_reconnection_is_left_to_celery(held_tasks: Any) -> None:
+    scaler = make_scaler([100, 101], capacity=4, qos_value=1)  # 2 processes, prefetch lowered to 1
+    held_tasks(1)
+    scaler.maybe_scale()
+    assert scaler.worker.consumer.qos.value == 1  # no change: Celery restores it as tasks finish
+    held_tasks(1)
+    scaler._waiting = lambda: 5
+    scaler.maybe_scale()
+    assert scaler.processes == 4 and scaler.worker.consumer.qos.value == 3  # raised by what grew
+
+
 def test_backlog_grows_the_pool_to_the_slots_and_the_prefetch_with_it(held_tasks: Any) -> None:
     scaler = make_scaler([100], waiting=9)
     held_tasks(1)
