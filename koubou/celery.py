@@ -16,11 +16,12 @@ app.conf.imports = ("koubou.tasks",)
 
 @celeryd_init.connect
 def consume_served_types(sender: str, instance: Any, options: dict[str, Any], **_: Any) -> None:
-    """A worker started without -Q/-X reads the queues of the task types it serves (KOUBOU_WORKER_TYPES).
+    """A worker started without -Q reads the queues of the task types it serves (KOUBOU_WORKER_TYPES).
 
     Every process declares every queue (celeryconfig's task_queues), so the API routes a code task
     the same way whatever its own environment says; only what a worker consumes depends on the
-    setting. Celery sends this signal before it applies -Q/-X, which then still win.
+    setting. Celery sends this signal before it applies -Q (which then wins) and -X (which then
+    leaves out some of these).
     """
-    if not options.get("queues") and not options.get("exclude_queues"):
+    if not options.get("queues"):
         instance.app.amqp.queues.select(queues_for_types(get_settings().worker_types))

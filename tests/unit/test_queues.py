@@ -79,6 +79,8 @@ def test_a_worker_reads_the_queues_of_its_types_unless_told_otherwise(monkeypatc
     assert worker_queues(monkeypatch, None, queues=None) == sorted(QUEUES)
     assert worker_queues(monkeypatch, "code", queues=None) == list(QUEUES_BY_TYPE[TaskType.CODE])
     assert worker_queues(monkeypatch, "general", queues=[]) == list(QUEUES_BY_TYPE[TaskType.GENERAL])
-    # -Q and -X on the command line still decide.
+    # -Q on the command line still decides; -X leaves out some of the type's queues.
     assert worker_queues(monkeypatch, "code", queues=["koubou.3-low"]) == ["koubou.3-low"]
-    assert worker_queues(monkeypatch, "code", exclude_queues=["koubou.3-low"]) == sorted(set(QUEUES) - {"koubou.3-low"})
+    assert worker_queues(monkeypatch, "code", exclude_queues=["koubou.3-low.code"]) == [
+        "koubou.1-urgent.code", "koubou.2-normal.code"]
+    assert worker_queues(monkeypatch, None, exclude_queues=["koubou.3-low"]) == sorted(set(QUEUES) - {"koubou.3-low"})
