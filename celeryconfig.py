@@ -54,5 +54,9 @@ broker_transport_options = {
     "queue_order_strategy": "sorted",
 }
 
+# `--autoscale=MAX,MIN` grows the pool under backlog only up to the slots of the backends this worker
+# can use, keeps the prefetch at the pool size, and stops only idle processes (see koubou.autoscale).
+worker_autoscaler = "koubou.autoscale:SlotAwareAutoscaler"
+
 worker_hijack_root_logger = False
 worker_redirect_stdouts = False

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+import redis
 from celery import Celery
 
-from .constants import QUEUES
+from .constants import PROMOTIONS, QUEUES
 
 
 def _unacked_task_id(raw: bytes | str) -> str | None:
@@ -38,6 +39,16 @@ def requeue_unacked(app: Celery, task_ids: Iterable[str]) -> set[str]:
                 channel.qos.restore_by_tag(tag, client=client)
                 requeued.add(task_id)
     return requeued
+
+
+def queue_depths(client: redis.Redis, queues: Iterable[str] = QUEUES) -> dict[str, int]:
+    """How many messages wait in each queue (one round trip). koubou sends no message priorities,
+    so every message is in the queue's main list."""
+    names = list(queues)
+    with client.pipeline(transaction=False) as pipe:
+        for queue in names:
+            pipe.llen(queue)
+        return {queue: int(depth) for queue, depth in zip(names, pipe.execute())}
 
 
 def queued_task_ids(app: Celery, queues: Iterable[str] = QUEUES) -> set[str]:
@@ -67,7 +78,8 @@ return 0
 
 
 def promote(app: Celery, task_ids: Iterable[str]) -> set[str]:
-    """Move these tasks' messages up one priority class (low → normal → urgent), to the front."""
+    """Move these tasks' messages up one priority class (low → normal → urgent) of their own task
+    type, to the front: an aged code task stays in the code queues, where only code workers look."""
     wanted = set(task_ids)
     moved: set[str] = set()
     if not wanted:
@@ -75,7 +87,7 @@ def promote(app: Celery, task_ids: Iterable[str]) -> set[str]:
     with app.connection_for_write() as connection:
         client = connection.default_channel.client
         script = client.register_script(_PROMOTE)
-        for lower, higher in ((QUEUES[1], QUEUES[0]), (QUEUES[2], QUEUES[1])):
+        for lower, higher in PROMOTIONS:
             for raw in client.lrange(lower, 0, -1):
                 task_id = _queued_task_id(raw)
                 if task_id in wanted and task_id not in moved and script(keys=[lower, higher], args=[raw]):

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import ConfigError, Settings, get_settings, redacted
-from .constants import QUEUES
 
 if TYPE_CHECKING:
     from .client import KoubouClient
@@ -182,7 +181,8 @@ def cmd_api(_: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
-    argv = ["celery", "-A", "koubou", "worker", "-Q", ",".join(QUEUES), "--loglevel=INFO", *args.celery_args]
+    # Without -Q the worker reads the queues of KOUBOU_WORKER_TYPES (koubou.celery); a -Q given here wins.
+    argv = ["celery", "-A", "koubou", "worker", "--loglevel=INFO", *args.celery_args]
     if settings.worker_id and not any(a.startswith(("-n", "--hostname")) for a in args.celery_args):
         # The seed's WORKER_ID names the node; Celery wants name@host.
         argv += ["-n", settings.worker_id if "@" in settings.worker_id else f"{settings.worker_id}@%h"]

@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .constants import TaskType
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 HOME_SUBDIRS = ("config", "db", "logs/agents", "logs/workers", "logs/system", "redis", "run")
@@ -86,6 +88,8 @@ class Settings(BaseSettings):
     default_model: str = Field("gpt-oss:20b", min_length=1, validation_alias="KOUBOU_DEFAULT_MODEL")
     worker_id: str | None = Field(None, validation_alias="WORKER_ID")
     worker_autoscale: str = Field("4,1", validation_alias="KOUBOU_WORKER_AUTOSCALE")
+    # The task types a worker serves, so the queues it reads: e.g. `code` only on the box that can run them.
+    worker_types: tuple[TaskType, ...] = Field(tuple(TaskType), validation_alias="KOUBOU_WORKER_TYPES")
     max_task_time: int = Field(600, ge=1, le=86400, validation_alias="KOUBOU_MAX_TASK_TIME")
     priority_ageing: float = Field(120.0, gt=0, le=86400, validation_alias="KOUBOU_PRIORITY_AGEING")
     retry_max: int = Field(3, ge=0, le=20, validation_alias="KOUBOU_RETRY_MAX")
@@ -156,6 +160,16 @@ class Settings(BaseSettings):
         if self.num_ctx > self.max_num_ctx:
             raise ValueError(f"KOUBOU_NUM_CTX ({self.num_ctx}) must not exceed KOUBOU_MAX_NUM_CTX ({self.max_num_ctx})")
         return self
+
+    @field_validator("worker_types", mode="before")
+    @classmethod
+    def _task_types(cls, value: object) -> object:
+        # `general,code` in the environment; an unknown name is then refused by the enum.
+        if isinstance(value, str):
+            value = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+        if not value:
+            raise ValueError(f"must name at least one task type of {', '.join(TaskType)}")
+        return value
 
     @property
     def home_dir(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
 
 
@@ -35,21 +36,46 @@ class WorkerStatus(StrEnum):
 
 # koubou's own names, so another Celery app sharing a Redis never takes its messages.
 DELEGATE_TASK = "koubou.delegate"
-# Three priority classes. Their names sort in priority order and the broker is read with kombu's
-# 'sorted' strategy, so every worker (also a plain `celery -A koubou worker`) takes the urgent
-# queue first: strict priority, not Celery's emulated priorities (celery#8967).
-URGENT_QUEUE = "koubou.1-urgent"
-NORMAL_QUEUE = "koubou.2-normal"
-LOW_QUEUE = "koubou.3-low"
-QUEUES = (URGENT_QUEUE, NORMAL_QUEUE, LOW_QUEUE)
+# Queues: one per (priority class, task type). The general type keeps the original names
+# (`koubou.1-urgent`, ...); another type appends its name (`koubou.1-urgent.code`). A prefix sorts
+# before its extensions, so in name order every class comes before the next one whatever the
+# type, and the broker is read with kombu's 'sorted' strategy: every worker (also a plain
+# `celery -A koubou worker`) takes urgent work first, strict priority rather than Celery's emulated
+# priorities (celery#8967). Within one class a worker serving both types takes general work first.
+PRIORITY_CLASSES = ("1-urgent", "2-normal", "3-low")
+
+
+def _queue_name(task_type: TaskType, priority_class: str) -> str:
+    base = f"koubou.{priority_class}"
+    return base if task_type is TaskType.GENERAL else f"{base}.{task_type.value}"
+
+
+#: Each task type's queues, most urgent first.
+QUEUES_BY_TYPE: dict[TaskType, tuple[str, ...]] = {
+    task_type: tuple(_queue_name(task_type, name) for name in PRIORITY_CLASSES) for task_type in TaskType
+}
+#: Every koubou queue, in the order workers read them.
+QUEUES = tuple(sorted(queue for queues in QUEUES_BY_TYPE.values() for queue in queues))
+URGENT_QUEUE, NORMAL_QUEUE, LOW_QUEUE = QUEUES_BY_TYPE[TaskType.GENERAL]
 DEFAULT_QUEUE = NORMAL_QUEUE
+#: (queue, the next more urgent queue of the same type): where ageing moves a waiting task.
+PROMOTIONS = tuple(
+    (queues[index], queues[index - 1]) for queues in QUEUES_BY_TYPE.values() for index in range(1, len(queues))
+)
 
 
-def queue_for_priority(priority: int) -> str:
-    """Priority 8-10 is urgent, 4-7 normal, 1-3 low (10 most urgent, as in the original system)."""
+def queue_for_priority(priority: int, task_type: TaskType | str = TaskType.GENERAL) -> str:
+    """The task type's queue for a priority: 8-10 urgent, 4-7 normal, 1-3 low (10 most urgent)."""
+    urgent, normal, low = QUEUES_BY_TYPE[TaskType(task_type)]
     if priority >= 8:
-        return URGENT_QUEUE
-    return NORMAL_QUEUE if priority >= 4 else LOW_QUEUE
+        return urgent
+    return normal if priority >= 4 else low
+
+
+def queues_for_types(task_types: Iterable[TaskType | str]) -> tuple[str, ...]:
+    """The queues a worker serving these task types consumes, in the order it reads them."""
+    return tuple(sorted(queue for task_type in set(map(TaskType, task_types)) for queue in QUEUES_BY_TYPE[task_type]))
+
 
 # Redis key the mirror refreshes while it runs; /health reads it.
 MIRROR_ALIVE_KEY = "koubou:mirror:alive"

@@ -8,8 +8,9 @@ from datetime import timedelta
 import redis
 from sqlalchemy import select, text
 
+from ..broker import queue_depths as broker_queue_depths
 from ..config import redacted
-from ..constants import MIRROR_ALIVE_KEY, QUEUES, WorkerStatus
+from ..constants import MIRROR_ALIVE_KEY, WorkerStatus
 from ..db.models import WorkerRow
 from ..db.session import utcnow
 from ..slots import SlotLeases
@@ -81,8 +82,9 @@ def backend_reports(ctx: ApiContext) -> list[BackendHealth]:
 
 
 def queue_depths(ctx: ApiContext) -> dict[str, int]:
+    """Messages waiting in each queue (every priority class of every task type)."""
     try:
-        return {queue: int(ctx.redis.llen(queue)) for queue in QUEUES}
+        return broker_queue_depths(ctx.redis)
     except redis.RedisError:
         return {}
 

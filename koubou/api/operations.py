@@ -103,7 +103,7 @@ def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
             + (f" files={len(files)}" if files else ""),
             kwargsrepr="{}",
             task_id=task_id,
-            queue=queue_for_priority(body.priority),
+            queue=queue_for_priority(body.priority, body.type),
             soft_time_limit=timeout + 5,
             time_limit=timeout + TIME_LIMIT_GRACE,
             retry=True,

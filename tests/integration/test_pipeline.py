@@ -356,7 +356,7 @@ def test_tasks_workers_and_backends_lists(system: System) -> None:
     assert code == 200 and {b["kind"] for b in body["backends"]} == {"ollama", "openai"}
     assert {b["kind"]: b["slots"] for b in body["backends"]} == {"ollama": 2, "openai": 4}
     assert all(b["in_use"] == 0 for b in body["backends"])  # every lease given back
-    assert set(body["queues"]) == {"koubou.1-urgent", "koubou.2-normal", "koubou.3-low"}
+    assert set(body["queues"]) == {f"koubou.{c}{t}" for c in ("1-urgent", "2-normal", "3-low") for t in ("", ".code")}
 
 
 def read_sse(url: str, last_event_id: str | None = None, stop_after_deltas: int | None = None) -> list[dict]:

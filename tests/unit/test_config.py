@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from koubou.config import ConfigError, load_settings
+from koubou.constants import TaskType
 from koubou.routing import build_router
 
 
@@ -42,6 +43,8 @@ def test_broker_url_names_the_redis_to_use(tmp_path: Path) -> None:
         ("KOUBOU_BROKER_URL", "amqp://guest@localhost//"),
         ("OPENAI_API_BASE", "localhost:1234"),
         ("KOUBOU_WORKER_AUTOSCALE", "1,4"),
+        ("KOUBOU_WORKER_TYPES", "gpu"),
+        ("KOUBOU_WORKER_TYPES", " , "),
         ("KOUBOU_MAX_TASK_TIME", "0"),
     ],
 )
@@ -49,6 +52,14 @@ def test_a_bad_value_fails_naming_the_variable(tmp_path: Path, name: str, value:
     with pytest.raises(ConfigError) as caught:
         load_settings({"KOUBOU_HOME": str(tmp_path), name: value})
     assert name in str(caught.value)
+
+
+def test_worker_types_default_to_every_type_and_read_a_comma_list(tmp_path: Path) -> None:
+    assert load_settings({"KOUBOU_HOME": str(tmp_path)}).worker_types == (TaskType.GENERAL, TaskType.CODE)
+    only_code = load_settings({"KOUBOU_HOME": str(tmp_path), "KOUBOU_WORKER_TYPES": " code "})
+    assert only_code.worker_types == (TaskType.CODE,)
+    both = load_settings({"KOUBOU_HOME": str(tmp_path), "KOUBOU_WORKER_TYPES": "code,general,code"})
+    assert both.worker_types == (TaskType.CODE, TaskType.GENERAL)
 
 
 def test_home_layout_is_created(tmp_path: Path) -> None:

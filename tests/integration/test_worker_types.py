@@ -1,0 +1,103 @@
+"""Workers limited to task types: code tasks reach only workers that serve `code`, priority stays strict."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.fakes.llm_server import FakeLLMServer
+from tests.harness import System, clean_env, http, make_system
+from tests.integration.test_pipeline import answer, wait_until
+
+MODEL = "fake-model:1b"
+
+
+def queue_depths(system: System) -> dict[str, int]:
+    code, body = http("GET", f"{system.api}/backends", timeout=10)
+    assert code == 200, body
+    return body["queues"]
+
+
+def start_worker(system: System, fake: FakeLLMServer, tmp_path: Path, name: str, **env: str) -> subprocess.Popen[bytes]:
+    """A plain `celery -A koubou worker` on another 'machine': only the broker URL and a backend."""
+    full_env = clean_env(KOUBOU_BROKER_URL=f"redis://127.0.0.1:{system.redis_port}/0", OLLAMA_HOST=fake.url,
+                         KOUBOU_HOME=str(tmp_path / f"{name}-home"), **env)  # fmt: skip
+    with open(tmp_path / f"{name}.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "koubou", "worker", "-n", f"{name}@%h", "-c", "1"],
+            cwd=tmp_path, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_a_general_worker_never_takes_a_code_task_and_a_code_worker_does(tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
+    with FakeLLMServer(models=(MODEL,), latency=0.3) as fake:
+        system = make_system(tmp_path / "home", OLLAMA_HOST=fake.url, KOUBOU_DEFAULT_MODEL=MODEL,
+                             KOUBOU_OLLAMA_SLOTS="4", KOUBOU_WORKER_AUTOSCALE="2,2", KOUBOU_WORKER_TYPES="general",
+                             KOUBOU_PRIORITY_AGEING="1").start()  # fmt: skip
+        coder = None
+        try:
+            code_task = system.delegate(type="code", prompt="refactor me", priority=1)[1]["task_id"]
+            general = system.delegate(prompt="plain work", priority=1)[1]["task_id"]
+            assert system.wait_final(general, timeout=60)["status"] == "completed"
+            # Ageing moves the waiting code task up its own type's classes, never into a general
+            # queue, where the idle general worker would take it.
+            wait_until(lambda: queue_depths(system)["koubou.1-urgent.code"] == 1, 40)
+            depths = queue_depths(system)
+            assert sum(depths.values()) == 1, depths
+            assert system.status(code_task)[1]["status"] == "pending"
+            aged = system.sql("SELECT details FROM system_logs WHERE component = 'scheduler'")
+            assert sum(code_task in row["details"] for row in aged) >= 2  # low -> normal -> urgent
+
+            coder = start_worker(system, fake, tmp_path, "coder", KOUBOU_WORKER_TYPES="code")
+            final = system.wait_final(code_task, timeout=90)
+            assert final["status"] == "completed", final
+            assert final["result"]["worker"].startswith("coder@")
+            assert final["result"]["output"] == answer(MODEL, "refactor me")
+
+            # The code worker, idle, takes none of a burst of general tasks.
+            burst = [system.delegate(prompt=f"burst {i}", priority=9)[1]["task_id"] for i in range(6)]
+            finals = [system.wait_final(task_id, timeout=60) for task_id in burst]
+        finally:
+            if coder is not None:
+                stop_worker(coder)
+            survivors = system.stop()
+    assert not survivors
+    assert all(f["status"] == "completed" for f in finals), finals
+    assert {f["result"]["worker"].split("@")[0] for f in finals} == {"celery"}
+    assert "koubou.1-urgent.code" in (tmp_path / "coder.log").read_text()  # its banner names its queues
+    assert "koubou.1-urgent " not in (tmp_path / "coder.log").read_text()
+
+
+def test_priority_stays_strict_across_task_types(tmp_path: Path) -> None:
+    with FakeLLMServer(models=(MODEL,), latency=0.5) as fake:
+        system = make_system(tmp_path, OLLAMA_HOST=fake.url, KOUBOU_DEFAULT_MODEL=MODEL, KOUBOU_OLLAMA_SLOTS="1",
+                             KOUBOU_WORKER_AUTOSCALE="1,1").start()  # fmt: skip
+        try:
+            blocker = system.delegate(prompt="blocker", priority=10)[1]["task_id"]
+            wait_until(lambda: system.status(blocker)[1]["status"] == "in_progress", 30)
+            sent = [("general", 1), ("code", 1), ("code", 5), ("code", 9), ("general", 5), ("general", 10)]
+            ids = {
+                (kind, priority): system.delegate(type=kind, prompt=f"{kind} {priority}", priority=priority)[1]["task_id"]
+                for kind, priority in sent
+            }
+            for task_id in ids.values():
+                assert system.wait_final(task_id, timeout=60)["status"] == "completed"
+            wait_until(lambda: all(system.sql("SELECT started_at FROM task_master WHERE task_id = ? AND started_at "
+                                              "IS NOT NULL", t) for t in ids.values()), 30)  # fmt: skip
+            started = {r["task_id"]: r["started_at"] for r in system.sql("SELECT task_id, started_at FROM task_master")}
+        finally:
+            assert not system.stop()
+    order = sorted(ids, key=lambda key: started[ids[key]])
+    # Class first whatever the type; within a class general, then code (queue name order).
+    assert order == [("general", 10), ("code", 9), ("general", 5), ("code", 5), ("general", 1), ("code", 1)], order
