@@ -46,6 +46,10 @@ class BackendRejected(BackendError):
     """The server refused the request as invalid (a 4xx other than 404/429)."""
 
 
+class ContextExceeded(BackendRejected):
+    """The prompt does not fit the model's context window on that server."""
+
+
 def error_for_status(status: int, where: str, detail: str, model: str | None) -> BackendError:
     """The BackendError an HTTP error status means, the same for every server kind."""
     if status == 404 and model is not None:
