@@ -592,6 +592,13 @@ def classify(message: str, where: str, model: str, settings_file: Path) -> Backe
         return BackendRejected(f"{where}: codex: {message}")
     if match := _STATUS.search(message):
         return error_for_status(int(match[1]), where, f"codex: {message}", model)
+    body = _json_in(message)
+    if isinstance(body, dict) and isinstance(body.get("error"), (dict, str)):
+        # Codex 0.169 shows an HTTP 400's body as it is, without the status.
+        error = body["error"]
+        code = error.get("code") if isinstance(error, dict) else None
+        detail = error.get("message", error) if isinstance(error, dict) else error
+        return error_for_status(code if isinstance(code, int) and code >= 400 else 400, where, str(detail), model)
     if "experiencing high demand" in message:  # Codex's words for an HTTP 500
         return BackendServerError(f"{where} failed (HTTP 5xx) while Codex was working: codex: {message}")
     if "stream disconnected" in message or "idle timeout" in message:

@@ -63,6 +63,7 @@ def main() -> int:
     parser.add_argument("--home", required=True)
     parser.add_argument("--kind", choices=("ollama", "openai"), required=True)
     parser.add_argument("--prompt", required=True)
+    parser.add_argument("--files", default="{}", help="JSON object: path -> content")
     args = parser.parse_args()
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True, timeout=10)
     interfaces = sorted(name for _, name in socket.if_nameindex())
@@ -74,13 +75,13 @@ def main() -> int:
     setup = CodexSetup(args.codex, home / "config" / "codex.toml", home / "run" / "codex", False, 4096)
     job = DelegationJob(
         task_id="task_offline", type="code", prompt=args.prompt, model=MODEL, timeout=120,
-        files=(ShippedFile(path="greet.py", content="print('hi')\n"),),
+        files=tuple(ShippedFile(path=path, content=content) for path, content in json.loads(args.files).items()),
     )  # fmt: skip
     report: dict[str, object] = {"interfaces": interfaces}
     with FakeLLMServer(models=(MODEL,)) as fake:
         backend: Backend = OllamaBackend(fake.url) if args.kind == "ollama" else OpenAIBackend(f"{fake.url}/v1")
         try:
-            result = CodexRunner(setup).run(backend, MODEL if args.kind == "openai" else f"{MODEL}", job, 120)
+            result = CodexRunner(setup).run(backend, MODEL, job, 120)
             report.update(output=result.output, diff=result.extra.get("diff"))
         except BackendError as error:
             report.update(error=f"{type(error).__name__}: {error}")
