@@ -482,7 +482,7 @@ class CodexRunner:
 
     def _failure(self, transcript: _Transcript, where: str, model: str, timeout: float) -> BackendError:
         if transcript.timed_out:
-            return BackendTimeout(f"codex on {where} timed out after {timeout:g}s (killed with every process it started)")
+            return BackendTimeout(f"codex on {where} timed out after {round(timeout, 1):g}s (killed with every process it started)")
         message = transcript.failure or _stderr_summary(transcript.stderr)
         if not message:
             message = f"codex exited with status {transcript.returncode} without finishing its turn"

@@ -41,13 +41,16 @@ from koubou.backends.codex import (
 from koubou.backends.ollama import OllamaBackend
 from koubou.backends.openai import OpenAIBackend
 from koubou.delegation import Delegation, RetryPolicy
+from koubou.demo import DEMO_MODEL_NAME
 from koubou.jobs import DelegationFailed, DelegationJob, ShippedFile
 from koubou.process_tree import descendants
 from koubou.results import CANCELLED
 from koubou.routing import Router
+from koubou.services import port_open
 from tests.codex_cli import NpmMissing, codex_cli
 from tests.fakes.llm_server import EXEC_TOOL, FakeLLMServer, _responses_text, fake_answer, fake_tool_answer
 from tests.harness import REPO, System, alive, cmdline, http, make_system
+from tests.integration.test_pipeline import read_sse
 from tests.tools import ToolUnavailable
 
 pytestmark = pytest.mark.timeout(300)
@@ -334,3 +337,134 @@ def assert_all_gone(seen: dict[int, str], timeout: float = 15) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"processes of the task outlived it: {[(pid, cmdline(pid)) for pid in left]}")
+
+
+# -- through the HTTP API of a real system ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def code_fake() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer(models=(MODEL,)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def code_system(tmp_path_factory: pytest.TempPathFactory, code_fake: FakeLLMServer, codex_bin: Path) -> Iterator[System]:
+    user_home = tmp_path_factory.mktemp("user-home")
+    running = make_system(
+        tmp_path_factory.mktemp("koubou-home"),
+        HOME=str(user_home),  # the worker's user: its ~/.codex must stay untouched
+        OLLAMA_HOST=code_fake.url,
+        KOUBOU_DEFAULT_MODEL=MODEL,
+        KOUBOU_CODEX_BIN=str(codex_bin),
+        KOUBOU_CODEX_NUM_CTX=str(NUM_CTX),
+        KOUBOU_WORKER_AUTOSCALE="2,2",
+        KOUBOU_OLLAMA_SLOTS="2",
+    ).start(timeout=180)
+    try:
+        yield running
+    finally:
+        assert not running.stop(), "koubou up left processes behind"
+    assert not (user_home / ".codex").exists(), "Codex wrote the user's ~/.codex"
+
+
+def task_processes(system: System, task_id: str) -> set[int]:
+    """PIDs below `koubou up` that belong to the task: its Codex (named by the task's directory) and all below it."""
+    assert system.process is not None
+    roots = {pid for pid in descendants(system.process.pid) if task_id in cmdline(pid)}
+    return roots.union(*(descendants(root) for root in roots))
+
+
+def test_a_code_task_through_the_api_returns_the_message_the_diff_and_usage(
+    code_system: System, code_fake: FakeLLMServer
+) -> None:
+    prompt = "Write hello.txt.\nRUN: " + patch_command("*** Add File: hello.txt\n+hello\n")
+    code_fake.set_latency(1.5)  # time enough to watch the task's live stream
+    try:
+        code, body = code_system.delegate(type="code", prompt=prompt, options={"timeout": 150})
+        assert code == 202, body
+        events = read_sse(f"{code_system.api}/task/{body['task_id']}/stream")
+    finally:
+        code_fake.set_latency(0)
+    # The live stream showed the work as it happened: the edit, then the final message.
+    streamed = "".join(e["data"]["text"] for e in events if e["event"] == "delta")
+    expected = fake_tool_answer(served_name("ollama"), "A hello.txt")
+    assert "add hello.txt\n" in streamed and streamed.index("add hello.txt") < streamed.index(expected)
+    assert events[-1]["event"] == "done" and events[-1]["data"]["status"] == "completed", events[-1]
+    result = code_system.wait_final(body["task_id"])["result"]
+    assert result == events[-1]["data"]["result"]
+    assert result["success"] is True and result["model"] == MODEL and result["backend"].startswith("ollama@")
+    assert result["output"] == expected
+    assert result["changed_files"] == {"hello.txt": "hello\n"}
+    assert "new file mode" in result["diff"] and "+++ b/hello.txt\n@@ -0,0 +1 @@\n+hello\n" in result["diff"]
+    assert result["prompt_tokens"] > 0 and result["completion_tokens"] > 0
+
+
+def test_a_backend_refusal_fails_the_code_task_clearly(code_system: System, code_fake: FakeLLMServer) -> None:
+    code_fake.fail_next(400)
+    code, body = code_system.delegate(type="code", prompt="Say hello.", sync=True, options={"timeout": 150})
+    assert code == 200 and body["status"] == "failed", body
+    result = body["result"]
+    assert result["success"] is False and result["error_type"] == "BackendRejected"
+    assert "rejected the request (HTTP 400)" in result["error"] and "fake failure" in result["error"]
+    assert len(result["attempts"]) == 1
+
+
+def test_a_timed_out_code_task_leaves_no_process_behind(code_system: System) -> None:
+    code, body = code_system.delegate(type="code", prompt="RUN: sleep 600", options={"timeout": 20})
+    assert code == 202, body
+    task_id = body["task_id"]
+    seen = watch_processes(lambda: task_processes(code_system, task_id), until="sleep 600")
+    final = code_system.wait_final(task_id, timeout=120)
+    assert final["status"] == "failed" and "timed out" in final["result"]["error"], final
+    assert_all_gone(seen)
+
+
+def test_a_cancelled_code_task_leaves_no_process_behind(code_system: System) -> None:
+    code, body = code_system.delegate(type="code", prompt="RUN: sleep 600", options={"timeout": 200})
+    assert code == 202, body
+    task_id = body["task_id"]
+    seen = watch_processes(lambda: task_processes(code_system, task_id), until="sleep 600")
+    code, answer = http("DELETE", f"{code_system.api}/task/{task_id}")
+    assert code in (200, 202), answer
+    final = code_system.wait_final(task_id, timeout=60)
+    assert final["status"] == "cancelled", final
+    assert_all_gone(seen)
+
+
+# -- end to end against the real llama.cpp demo model ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_code_system(tmp_path_factory: pytest.TempPathFactory, codex_bin: Path) -> Iterator[System]:
+    if port_open("127.0.0.1", 11434):
+        pytest.skip("an Ollama answers at 127.0.0.1:11434, so koubou rightly uses it instead of the demo model")
+    system = make_system(tmp_path_factory.mktemp("demo-code-home"), KOUBOU_CODEX_BIN=str(codex_bin)).start(timeout=240)
+    try:
+        yield system
+    finally:
+        assert not system.stop()
+
+
+@pytest.mark.timeout(900)
+def test_a_code_task_completes_against_the_real_demo_model(demo_code_system: System) -> None:
+    """SmolLM2-135M cannot be trusted to edit files: this checks the contract, not the content."""
+    code, body = demo_code_system.delegate(
+        type="code", prompt="What does 2 + 2 make? Answer with one short sentence.", sync=True, options={"timeout": 600}
+    )
+    assert code == 200 and body["status"] == "completed", body
+    result = body["result"]
+    assert result["success"] is True and result["model"] == DEMO_MODEL_NAME and result["backend"].startswith("openai@")
+    assert isinstance(result["output"], str) and result["output"].strip()
+    assert result["prompt_tokens"] > 0 and result["completion_tokens"] > 0
+    assert isinstance(result["diff"], str) and isinstance(result["changed_files"], dict)
+    assert [a["ok"] for a in result["attempts"]][-1] is True
+
+
+@pytest.mark.timeout(600)
+def test_a_code_task_past_the_demo_models_context_fails_naming_the_sizes(demo_code_system: System) -> None:
+    code, body = demo_code_system.delegate(type="code", prompt="sky " * 12000, sync=True, options={"timeout": 300})
+    assert code == 200 and body["status"] == "failed", body
+    result = body["result"]
+    assert result["error_type"] == "ContextExceeded" and len(result["attempts"]) == 1
+    assert "(8192 tokens per request)" in result["error"] and "does not fit the model's context" in result["error"]
