@@ -16,6 +16,9 @@ from pathlib import Path
 FREEZE_ROUNDS = 20
 REAP_TIMEOUT = 10.0
 
+#: Signals held while a tree is being killed.
+_INTERRUPTING = {signal.SIGUSR1, signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGHUP}
+
 #: A process's identity: its PID and its start time (clock ticks since boot), which tells a
 #: reused PID apart.
 Identity = tuple[int, int]
@@ -87,6 +90,15 @@ class ProcessTree:
 
     def kill(self) -> None:
         """Freeze, then SIGKILL, the child's group and every descendant; reap the child."""
+        # A signal whose handler raises (a cancel's SIGUSR1 in a worker) must not cut this short and
+        # leave processes frozen: it is held until the tree is gone, then delivered.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTING)
+        try:
+            self._kill()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def _kill(self) -> None:
         leader = self.process.pid
         # A group's id is never reused while a member lives: signalling it is safe even when the
         # leader has been reaped; the leader's own PID is signalled only while it is still ours.

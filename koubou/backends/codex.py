@@ -59,6 +59,8 @@ CONTEXT_VARIANT = "{model}-koubou-ctx{num_ctx}"
 #: Seconds between two looks at the cancel flag and at the process tree while Codex runs.
 TICK = 0.25
 VERSION_TIMEOUT = 30.0
+#: Seconds to read what Codex wrote before it exited, once it has exited.
+EXIT_GRACE = 2.0
 STDERR_KEPT = 16_000
 #: Characters of a command's output shown in the task's live stream.
 STREAMED_OUTPUT = 2_000
@@ -168,6 +170,7 @@ class CodexSetup:
     allow_no_sandbox: bool
     num_ctx: int
     binary_variable: str = "KOUBOU_CODEX_BIN"
+    unsafe_variable: str = "CODEX_UNSAFE_ALLOW_NO_SANDBOX"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CodexSetup:
@@ -178,6 +181,7 @@ class CodexSetup:
             allow_no_sandbox=settings.codex_unsafe_no_sandbox,
             num_ctx=settings.codex_num_ctx,
             binary_variable=str(Settings.model_fields["codex_bin"].validation_alias),
+            unsafe_variable=str(Settings.model_fields["codex_unsafe_no_sandbox"].validation_alias),
         )
 
 
@@ -210,6 +214,7 @@ class CodexRunner:
     def __init__(self, setup: CodexSetup) -> None:
         self.setup = setup
         self._checked: set[str] = set()  # binaries whose --version answered
+        self._sandboxed: set[str] = set()  # binaries whose sandbox was seen to work here
         self._variants: set[tuple[str, str]] = set()  # (Ollama URL, variant) made by this process
 
     def run(
@@ -232,6 +237,8 @@ class CodexRunner:
             for path in (run.home, run.codex_home, run.tmp):
                 path.mkdir()
             self._check_version(binary, run)
+            if not self.setup.allow_no_sandbox:
+                self._check_sandbox(binary, run)
             try:
                 workspace = Workspace.create(run.workspace, run.home, job.files)
             except BadPath as error:
@@ -298,6 +305,28 @@ class CodexRunner:
         if CODEX_VERSION not in output:
             log.warning("%s is %r; koubou is tested with Codex %s", binary, output, CODEX_VERSION)
         self._checked.add(binary)
+
+    def _check_sandbox(self, binary: str, run: _Run) -> None:
+        """Codex's Linux sandbox (bubblewrap, user namespaces) must work here, or every command the
+        model runs would fail inside the task while the task itself "completes"."""
+        if binary in self._sandboxed:
+            return
+        argv = [binary, "sandbox", "--", "true"]
+        try:
+            done = subprocess.run(
+                argv, capture_output=True, timeout=VERSION_TIMEOUT, stdin=subprocess.DEVNULL,
+                env=self._environment(run), cwd=run.tmp,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise CodexUnavailable(f"cannot check Codex's sandbox on worker host {socket.gethostname()}: {error}") from error
+        if done.returncode != 0:
+            detail = _stderr_summary(done.stderr.decode(errors="replace")) or f"exit status {done.returncode}"
+            raise CodexUnavailable(
+                f"Codex's sandbox does not work on worker host {socket.gethostname()} ({detail}): it needs "
+                "user namespaces (bubblewrap); run the worker where they are allowed, or, only if the worker is "
+                f"isolated already (a VM or container of its own), set {self.setup.unsafe_variable}=1"
+            )
+        self._sandboxed.add(binary)
 
     def _settings_text(self) -> str:
         """The operator's codex.toml (written with koubou's defaults when missing), checked as TOML."""
@@ -451,12 +480,18 @@ class CodexRunner:
         selector.register(process.stdout, selectors.EVENT_READ, "stdout")
         selector.register(process.stderr, selectors.EVENT_READ, "stderr")
         pending = b""
+        exited_at: float | None = None
         try:
             while selector.get_map():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                now = time.monotonic()
+                if now >= deadline:
                     transcript.timed_out = True
                     return
+                if exited_at is None and process.poll() is not None:
+                    exited_at = now
+                if exited_at is not None and now - exited_at > EXIT_GRACE:
+                    break  # something Codex started still holds its output open: enough
+                remaining = deadline - now
                 for key, _ in selector.select(timeout=min(TICK, remaining)):
                     stream: IO[bytes] = key.fileobj  # type: ignore[assignment]
                     data = os.read(stream.fileno(), 65536)

@@ -285,7 +285,7 @@ def test_without_codex_a_code_task_fails_saying_how_to_install_it(
 def test_a_code_task_runs_with_nothing_but_loopback(kind: str, codex_bin: Path, tmp_path: Path) -> None:
     """Local means local: in a network namespace with only `lo`, Codex finishes its task and looks up no name."""
     probe = [
-        "unshare", "-n", "--", sys.executable, "-m", "tests.integration.offline_code_task",
+        "unshare", "-n", "--", sys.executable, "-m", "tests.integration.isolated_code_task", "--offline",
         "--codex", str(codex_bin), "--home", str(tmp_path), "--kind", kind, "--prompt", f"Say hello.\nRUN: {EDIT}",
         "--files", json.dumps({f.path: f.content for f in FILES}),
     ]  # fmt: skip
@@ -297,6 +297,22 @@ def test_a_code_task_runs_with_nothing_but_loopback(kind: str, codex_bin: Path, 
     assert report["output"].startswith("fake:") and "+    return 'hello ' + name" in report["diff"]
     assert report["backend_calls"] == 2
     assert report["dns_queries"] == [], f"Codex tried to phone home: {report['dns_queries']}"
+
+
+def test_where_codexs_sandbox_cannot_work_the_task_fails_saying_why(codex_bin: Path, tmp_path: Path) -> None:
+    """Without user namespaces (as in a default Docker container) bubblewrap cannot start: every command
+    would fail inside the task while it "completes". koubou checks once per worker process and says so."""
+    script = (
+        "echo 0 > /proc/sys/user/max_user_namespaces && exec \"$0\" -m tests.integration.isolated_code_task "
+        '--codex "$1" --home "$2" --kind openai --prompt "RUN: echo hello"'
+    )
+    probe = ["unshare", "--user", "--map-root-user", "--", "sh", "-c", script, sys.executable, str(codex_bin), str(tmp_path)]
+    done = subprocess.run(probe, cwd=REPO, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report.get("error", "").startswith("CodexUnavailable: Codex's sandbox does not work"), report
+    assert "Creating new namespace failed" in report["error"] and "CODEX_UNSAFE_ALLOW_NO_SANDBOX=1" in report["error"]
+    assert report["backend_calls"] == 0
 
 
 # -- helpers: processes, by PID -----------------------------------------------------------------

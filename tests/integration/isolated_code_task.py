@@ -1,9 +1,9 @@
-"""One code task with no network but loopback: run by test_codex.py inside `unshare -n`.
+"""One code task in an isolated environment, run by test_codex.py under `unshare`.
 
-It brings `lo` up, starts the fake LLM server on it, and runs koubou's Codex runner against it. To
-see any attempt to phone home, it also gives the resolver's address (from /etc/resolv.conf) to a
-loopback interface and records every DNS query sent there. Prints one JSON line: the result or the
-error, and the names that were looked up.
+It starts the fake LLM server and runs koubou's Codex runner against it, then prints one JSON line:
+the result or the error. `--offline` (inside `unshare -n`): it brings `lo` up first and, to see any
+attempt to phone home, gives the resolver's address (from /etc/resolv.conf) to `lo` too and records
+every DNS query sent there.
 """
 
 from __future__ import annotations
@@ -64,12 +64,14 @@ def main() -> int:
     parser.add_argument("--kind", choices=("ollama", "openai"), required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--files", default="{}", help="JSON object: path -> content")
+    parser.add_argument("--offline", action="store_true", help="in a network namespace of its own")
     args = parser.parse_args()
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True, timeout=10)
-    interfaces = sorted(name for _, name in socket.if_nameindex())
     looked_up: list[str] = []
+    if args.offline:
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True, timeout=10)
+    interfaces = sorted(name for _, name in socket.if_nameindex())
     nameserver = _nameserver()
-    if nameserver:
+    if args.offline and nameserver:
         _catch_dns(nameserver, looked_up)
     home = Path(args.home)
     setup = CodexSetup(args.codex, home / "config" / "codex.toml", home / "run" / "codex", False, 4096)
