@@ -236,9 +236,9 @@ class CodexRunner:
         try:
             for path in (run.home, run.codex_home, run.tmp):
                 path.mkdir()
-            self._check_version(binary, run)
+            self._check_version(binary, run, deadline)
             if not self.setup.allow_no_sandbox:
-                self._check_sandbox(binary, run)
+                self._check_sandbox(binary, run, deadline)
             try:
                 workspace = Workspace.create(run.workspace, run.home, job.files)
             except BadPath as error:
@@ -255,9 +255,9 @@ class CodexRunner:
                 changes = workspace.changes()
             except WorkspaceError as error:
                 raise CodexUnavailable(str(error)) from error
-            extra: dict[str, object] = {"diff": changes.diff, "changed_files": changes.files, "codex_model": served}
             if changes.omitted:
-                extra["omitted_files"] = list(changes.omitted)
+                log.info("changed files left out of the result (binary or too large): %s", ", ".join(changes.omitted))
+            extra: dict[str, object] = {"diff": changes.diff, "changed_files": changes.files}
             return ChatResult(
                 output=transcript.final_message,
                 model=model,
@@ -288,12 +288,12 @@ class CodexRunner:
             f"or set {self.setup.binary_variable} to its path"
         )
 
-    def _check_version(self, binary: str, run: _Run) -> None:
+    def _check_version(self, binary: str, run: _Run, deadline: float) -> None:
         if binary in self._checked:
             return
         try:
             done = subprocess.run(
-                [binary, "--version"], capture_output=True, timeout=VERSION_TIMEOUT,
+                [binary, "--version"], capture_output=True, timeout=_bounded(VERSION_TIMEOUT, deadline),
                 stdin=subprocess.DEVNULL, env=self._environment(run), cwd=run.root,
             )  # fmt: skip
         except (OSError, subprocess.TimeoutExpired) as error:
@@ -306,7 +306,7 @@ class CodexRunner:
             log.warning("%s is %r; koubou is tested with Codex %s", binary, output, CODEX_VERSION)
         self._checked.add(binary)
 
-    def _check_sandbox(self, binary: str, run: _Run) -> None:
+    def _check_sandbox(self, binary: str, run: _Run, deadline: float) -> None:
         """Codex's Linux sandbox (bubblewrap, user namespaces) must work here, or every command the
         model runs would fail inside the task while the task itself "completes"."""
         if binary in self._sandboxed:
@@ -314,7 +314,7 @@ class CodexRunner:
         argv = [binary, "sandbox", "--", "true"]
         try:
             done = subprocess.run(
-                argv, capture_output=True, timeout=VERSION_TIMEOUT, stdin=subprocess.DEVNULL,
+                argv, capture_output=True, timeout=_bounded(VERSION_TIMEOUT, deadline), stdin=subprocess.DEVNULL,
                 env=self._environment(run), cwd=run.tmp,
             )  # fmt: skip
         except (OSError, subprocess.TimeoutExpired) as error:
@@ -455,8 +455,8 @@ class CodexRunner:
             except OSError as error:
                 raise CodexUnavailable(f"cannot start the Codex CLI ({argv[0]}): {error}") from error
         tree = ProcessTree(process)
-        log.info("codex started, pid %d, in %s", process.pid, run.workspace)
         try:
+            log.info("codex started, pid %d, in %s", process.pid, run.workspace)
             self._pump(process, tree, transcript, deadline, tick)
         finally:
             # Timeout, cancel (SIGUSR1 raises in here) or done: nothing of this run may outlive it.
@@ -696,6 +696,11 @@ def _instructions(job: DelegationJob) -> str:
     shown = [f"- {f.path}" for f in job.files[:200]]
     more = [f"- ... and {len(job.files) - 200} more"] if len(job.files) > 200 else []
     return INSTRUCTIONS + "\nThe files shipped with the task:\n" + "\n".join(shown + more) + "\n"
+
+
+def _bounded(seconds: float, deadline: float) -> float:
+    """`seconds`, or less when the task's deadline is nearer (at least a tenth of a second)."""
+    return max(0.1, min(seconds, deadline - time.monotonic()))
 
 
 def _toml_string(value: str) -> str:
