@@ -167,6 +167,23 @@ def test_a_question_gets_the_models_answer_and_an_empty_diff(
     assert result.prompt_tokens and result.completion_tokens == len(result.output.split())
 
 
+def test_the_users_home_is_never_read_or_written(
+    fake: FakeLLMServer, codex_bin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "user-home"
+    (home / ".codex").mkdir(parents=True)
+    # A user config that would break the run if Codex read it (an unknown key, under --strict-config).
+    (home / ".codex" / "config.toml").write_text("this_key_does_not_exist = true\n")
+    before = sorted(p.relative_to(home) for p in home.rglob("*"))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("CODEX_HOME", str(home / ".codex"))
+    result = CodexRunner(setup_in(tmp_path / "koubou", codex_bin)).run(
+        backend_for("openai", fake), MODEL, code_job(f"RUN: {EDIT}"), 120
+    )
+    assert result.extra["changed_files"]
+    assert sorted(p.relative_to(home) for p in home.rglob("*")) == before
+
+
 def test_the_sandbox_keeps_commands_inside_the_workspace(fake: FakeLLMServer, codex_bin: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -381,7 +398,9 @@ def code_system(tmp_path_factory: pytest.TempPathFactory, code_fake: FakeLLMServ
         yield running
     finally:
         assert not running.stop(), "koubou up left processes behind"
-    assert not (user_home / ".codex").exists(), "Codex wrote the user's ~/.codex"
+    written = [p.relative_to(user_home).as_posix() for p in user_home.rglob("*")]
+    written = [path for path in written if "codex" in path.lower()]
+    assert not written, f"Codex wrote in the user's HOME: {written}"
 
 
 def task_processes(system: System, task_id: str) -> set[int]:
