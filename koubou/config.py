@@ -110,6 +110,12 @@ class Settings(BaseSettings):
     api_url_setting: str | None = Field(None, validation_alias="KOUBOU_API_URL")
     api_token: str | None = Field(None, validation_alias="KOUBOU_API_TOKEN")
     mcp_port: Port = Field(8766, validation_alias="KOUBOU_MCP_PORT")
+    # Code tasks (the Codex CLI, koubou/backends/codex.py):
+    codex_bin: str | None = Field(None, validation_alias="KOUBOU_CODEX_BIN")
+    # The seed's switch: only the operator can let Codex run commands outside its sandbox.
+    codex_unsafe_no_sandbox: bool = Field(False, validation_alias="CODEX_UNSAFE_ALLOW_NO_SANDBOX")
+    # Ollama's OpenAI API cannot set num_ctx per request: koubou asks for a variant with this context.
+    codex_num_ctx: int = Field(16384, ge=0, le=1_048_576, validation_alias="KOUBOU_CODEX_NUM_CTX")
 
     @field_validator("ollama_host")
     @classmethod
@@ -241,6 +247,16 @@ class Settings(BaseSettings):
     def ollama_slots(self) -> int:
         """KOUBOU_OLLAMA_SLOTS, else Ollama's own OLLAMA_NUM_PARALLEL, else 1 (Ollama's default)."""
         return self.ollama_slots_setting or self.ollama_num_parallel or 1
+
+    @property
+    def codex_settings_file(self) -> Path:
+        """Codex's own settings for code tasks (the seed's place)."""
+        return self.home_dir / "config" / "codex.toml"
+
+    @property
+    def codex_run_dir(self) -> Path:
+        """Where each code task gets its workspace and Codex home, removed when it ends."""
+        return self.home_dir / "run" / "codex"
 
     @property
     def backends_file(self) -> Path:

@@ -22,6 +22,8 @@ from .backends.base import (
     ChatRequest,
     ChatResult,
 )
+from .backends.codex import CodexRunner
+from .constants import TaskType
 from .jobs import DelegationFailed, DelegationJob, Outcome
 from .prompts import estimate_tokens, user_message
 from .results import CANCELLED
@@ -76,6 +78,7 @@ class Delegation:
         on_text: Callable[[str], None] | None = None,
         leases: SlotLeases | None = None,
         interruptible: Callable[[], AbstractContextManager[None]] = nullcontext,
+        codex: CodexRunner | None = None,
     ) -> None:
         self.job = job
         self.router = router
@@ -86,6 +89,8 @@ class Delegation:
         self.on_text = on_text
         self.leases = leases
         self.interruptible = interruptible
+        #: Runs code tasks (the Codex CLI); required for a job of type code.
+        self.codex = codex
         self.attempts: list[Attempt] = []
         self.started = time.monotonic()
         self.deadline = self.started + job.timeout
@@ -194,7 +199,20 @@ class Delegation:
 
     def _call(self, backend: Backend, model: str) -> ChatResult:
         """One call to the backend for this job (code tasks are routed here too)."""
+        if self.job.type == TaskType.CODE:
+            return self._run_codex(backend, model)
         return backend.chat(self._request(model), on_delta=self._on_delta)
+
+    def _run_codex(self, backend: Backend, model: str) -> ChatResult:
+        """A code task: the Codex CLI works on the job's files against this backend (holding its slot)."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise BackendTimeout(f"timed out: no time left of the task's {self.job.timeout:g}s")
+        if self.codex is None:
+            raise BackendError("this worker has no Codex runner for code tasks")
+        return self.codex.run(
+            backend, model, self.job, remaining, on_delta=self._on_delta, tick=lambda: self._check_cancel()
+        )
 
     def _request(self, model: str) -> ChatRequest:
         remaining = self.deadline - time.monotonic()
@@ -260,6 +278,8 @@ class Delegation:
             prompt_tokens=answer.prompt_tokens,
             completion_tokens=answer.completion_tokens,
             duration_ms=_ms_since(self.started),
+            diff=_text_or_none(answer.extra.get("diff")),
+            changed_files=_files_or_none(answer.extra.get("changed_files")),
             attempts=self._attempts_json(),
         )
 
@@ -279,6 +299,16 @@ class Delegation:
             attempts=self._attempts_json(),
         )
         return DelegationFailed(message, outcome.model_dump())
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _files_or_none(value: object) -> dict[str, str] | None:
+    if not isinstance(value, dict):
+        return None
+    return {str(path): str(content) for path, content in value.items()}
 
 
 def _ms_since(began: float) -> float:

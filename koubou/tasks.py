@@ -10,6 +10,7 @@ from functools import lru_cache
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from .backends.codex import CodexRunner, CodexSetup
 from .celery import app
 from .config import get_settings
 from .constants import DELEGATE_TASK, cancel_key
@@ -26,6 +27,12 @@ log = logging.getLogger(__name__)
 def get_router() -> Router:
     """One router per worker process, so model lists are cached across tasks."""
     return build_router(get_settings())
+
+
+@lru_cache(maxsize=1)
+def get_codex_runner() -> CodexRunner:
+    """One Codex runner per worker process (it remembers what it checked and made)."""
+    return CodexRunner(CodexSetup.from_settings(get_settings()))
 
 
 def retry_policy() -> RetryPolicy:
@@ -81,6 +88,7 @@ def delegate(self, job: dict) -> dict:  # type: ignore[no-untyped-def]
         on_text=publish,
         leases=SlotLeases(app.backend.client),
         interruptible=_interruptible,
+        codex=get_codex_runner(),
     )
     try:
         return delegation.run().model_dump()

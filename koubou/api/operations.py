@@ -14,6 +14,7 @@ from sqlalchemy import update
 from ..constants import (
     DELEGATE_TASK,
     TaskStatus,
+    TaskType,
     cancel_key,
     idempotency_key,
     queue_for_priority,
@@ -121,13 +122,15 @@ def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
     return task_id
 
 
-def _num_ctx(ctx: ApiContext, body: DelegateRequest, files: tuple[ShippedFile, ...]) -> int:
+def _num_ctx(ctx: ApiContext, body: DelegateRequest, files: tuple[ShippedFile, ...]) -> int | None:
     """The task's own options.num_ctx, else a window that fits the prompt as it will be sent.
 
     Ollama cuts a prompt longer than num_ctx (default 4096) without an error, so koubou always
     sends one; a prompt too large for KOUBOU_MAX_NUM_CTX is refused here (413), before it queues.
+    A code task's prompt is Codex's, not this message, so its window is the Codex runner's choice
+    (KOUBOU_CODEX_NUM_CTX) unless the task names one.
     """
-    if body.options.num_ctx is not None:
+    if body.options.num_ctx is not None or body.type == TaskType.CODE:
         return body.options.num_ctx
     tokens = estimate_tokens(user_message(body.prompt, files))
     return context_window(tokens, body.options.max_tokens, ctx.settings.num_ctx, ctx.settings.max_num_ctx)

@@ -47,7 +47,7 @@ class BackendRejected(BackendError):
     """The server refused the request as invalid (a 4xx other than 404/429)."""
 
 
-class PromptTooLong(BackendError):
+class PromptTooLong(BackendRejected):
     """The server refused the prompt: it does not fit the model's context window."""
 
 

@@ -82,6 +82,8 @@ class OpenAIBackend:
     def __init__(self, url: str, name: str | None = None, api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.name = name or f"{self.kind}@{urlsplit(self.url).netloc or self.url}"
+        #: The key as configured (None: the server needs none); code tasks hand it to Codex.
+        self.api_key = api_key
         # Local servers ignore the key, but the SDK refuses to run without one.
         self._api_key = api_key or "not-needed"
 

@@ -1,7 +1,8 @@
 """A fake LLM server speaking the real Ollama and OpenAI HTTP APIs, for tests.
 
 Answers are a pure function of the request (`fake_answer`), so a test can tell every
-call's answer apart. Run it alone with
+call's answer apart. It also speaks OpenAI's Responses API (`POST /v1/responses`, server-sent
+events), which the Codex CLI uses, with a deterministic tool protocol (`fake_tool_command`). Run it alone with
 `python -m tests.fakes.llm_server --port N --models a,b --latency 0.1 [--slots K]`.
 """
 
@@ -64,6 +65,25 @@ def fake_completion_tokens(answer: str) -> int:
 def fake_chunks(text: str) -> list[str]:
     """The pieces the fake streams an answer in: one word and its trailing whitespace each."""
     return [piece for piece in re.findall(r"\S*\s*", text) if piece]
+
+
+#: In a Responses prompt, everything after this mark is a shell command the fake has Codex run.
+TOOL_MARK = "RUN:"
+#: The tool Codex 0.169 offers for commands (its `apply_patch` is run through it as a heredoc).
+EXEC_TOOL = "exec_command"
+
+
+def fake_tool_command(prompt: str) -> str | None:
+    """The command the fake's first Responses answer asks Codex to run: the prompt after `RUN:`."""
+    if TOOL_MARK not in prompt:
+        return None
+    return prompt.split(TOOL_MARK, 1)[1].strip() or None
+
+
+def fake_tool_answer(model: str, tool_output: str) -> str:
+    """The fake's answer once a tool ran: `fake:<model>: ran it: ` and the output's last line."""
+    lines = [line.strip() for line in tool_output.splitlines() if line.strip()]
+    return f"fake:{model}: ran it: {lines[-1] if lines else '(no output)'}"
 
 
 def _now() -> str:
@@ -291,6 +311,31 @@ class FakeLLMServer:
         with self._lock:
             self._hangs += count
 
+    # Responses API and /api/create state (class defaults; each is replaced, never mutated).
+    _context_limit: int | None = None
+    _created: dict[str, dict[str, Any]] = {}
+
+    def responses_requests(self) -> list[RecordedRequest]:
+        """The recorded Responses API calls only (what Codex sent)."""
+        return [r for r in self.requests if r[0] == "POST" and r[1] in _RESPONSES_PATHS]
+
+    def set_context_limit(self, tokens: int | None) -> None:
+        """Refuse Responses calls whose prompt has more tokens, as llama.cpp's server does (HTTP 400)."""
+        with self._lock:
+            self._context_limit = tokens
+
+    @property
+    def created_models(self) -> dict[str, dict[str, Any]]:
+        """Models made with Ollama's /api/create: name -> the request's body."""
+        with self._lock:
+            return dict(self._created)
+
+    def _create_model(self, name: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._created = {**self._created, name: body}
+            if name not in self.models:
+                self.models = (*self.models, name)
+
     # -- used by the handler
 
     def _track(self, conn: socket.socket, is_open: bool) -> None:
@@ -339,6 +384,7 @@ class FakeLLMServer:
 
 
 _CHAT_PATHS = frozenset({"/api/chat", "/api/generate", "/v1/chat/completions", "/chat/completions"})
+_RESPONSES_PATHS = frozenset({"/v1/responses", "/responses"})
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -420,6 +466,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"object": "list", "data": data})
         elif method == "POST" and path in ("/v1/chat/completions", "/chat/completions"):
             self._chat("openai", "chat", body, parse_error)
+        elif method == "POST" and path in _RESPONSES_PATHS:
+            self._responses(body, parse_error)
+        elif (method, path) == ("POST", "/api/create"):
+            self._create(body, parse_error)
         elif path.startswith("/v1/"):
             self._json(404, _openai_error(f"Invalid URL ({method} {path})", "invalid_request_error"))
         else:
@@ -636,6 +686,150 @@ class _Handler(BaseHTTPRequestHandler):
             self._write_chunk(f"data: {json.dumps(chunk)}\n\n")
         self._write_chunk("data: [DONE]\n\n")
         self._end_stream()
+
+    # -- the Responses API (Codex) and Ollama's /api/create
+
+    def _responses(self, body: Any, parse_error: str | None) -> None:
+        fake = self.server.fake
+        status = fake._take_failure()
+        if status is not None:
+            self._error("openai", status, f"fake failure: HTTP {status}")
+            return
+        problem = parse_error or _check_responses(body)
+        if problem:
+            self._error("openai", 400, problem, None, "invalid_value")
+            return
+        model = body["model"]
+        if not (fake._has_model("openai", model) or fake._has_model("ollama", model)):
+            self._error("openai", 404, f"The model `{model}` does not exist.", "model", "model_not_found")
+            return
+        items = body["input"]
+        prompt_tokens = len(_responses_text(body).split())
+        limit = fake._context_limit
+        if limit is not None and prompt_tokens > limit:
+            # llama.cpp's server: HTTP 400 with the sizes in the error object.
+            error = {"code": 400, "message": "the request exceeds the available context size, try increasing it",
+                     "type": "exceed_context_size_error", "n_prompt_tokens": prompt_tokens, "n_ctx": limit}  # fmt: skip
+            self._json(400, {"error": error})
+            return
+        if not fake._acquire():
+            self._error("openai", 503, f"server busy: all {fake.slots} slots are in use", None, "server_busy")
+            return
+        self._holding_slot = True
+        try:
+            if fake._take_hang():
+                fake._stopping.wait()
+                raise _Aborted
+            self._responses_answer(model, items, prompt_tokens, fake.latency)
+        finally:
+            self._free_slot()
+
+    def _responses_answer(self, model: str, items: list[Any], prompt_tokens: int, latency: float) -> None:
+        fake = self.server.fake
+        outputs = [str(i.get("output", "")) for i in items if i.get("type") == "function_call_output"]
+        prompt = next((_item_text(i) for i in reversed(items) if i.get("role") == "user"), "")
+        command = None if outputs else fake_tool_command(prompt)
+        served = fake._calls_served()
+        response_id = f"resp_fake{served}"
+        sequence = iter(range(1, 1_000_000))
+
+        def send(kind: str, **fields: Any) -> None:
+            data = {"type": kind, "sequence_number": next(sequence), **fields}
+            self._write_chunk(f"event: {kind}\ndata: {json.dumps(data)}\n\n")
+
+        self._sleep(latency / 2)
+        self._start_stream("text/event-stream; charset=utf-8")
+        head = {"id": response_id, "object": "response", "created_at": int(time.time()), "model": model}
+        send("response.created", response={**head, "status": "in_progress", "output": []})
+        if command is not None:
+            arguments = json.dumps({"cmd": command, "yield_time_ms": 30000})
+            item = {"type": "function_call", "id": f"fc_fake{served}", "call_id": f"call_fake{served}",
+                    "name": EXEC_TOOL, "arguments": arguments, "status": "completed"}  # fmt: skip
+            send("response.output_item.added", output_index=0, item={**item, "status": "in_progress"})
+            send("response.output_item.done", output_index=0, item=item)
+            answer = arguments
+        else:
+            answer = fake_tool_answer(model, outputs[-1]) if outputs else fake_answer(model, [{"role": "user", "content": prompt}])
+            item_id = f"msg_fake{served}"
+            message = {"type": "message", "id": item_id, "role": "assistant", "status": "in_progress", "content": []}
+            send("response.output_item.added", output_index=0, item=message)
+            pieces = fake_chunks(answer)
+            for text in pieces:
+                self._sleep(latency / 2 / max(1, len(pieces)))
+                send("response.output_text.delta", item_id=item_id, output_index=0, content_index=0, delta=text)
+            part = {"type": "output_text", "text": answer, "annotations": []}
+            send("response.output_item.done", output_index=0, item={**message, "status": "completed", "content": [part]})
+        self._free_slot()
+        completion_tokens = fake_completion_tokens(answer)
+        usage = {"input_tokens": prompt_tokens, "output_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens,
+                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
+        done = {**head, "status": "completed"}
+        if fake.usage:
+            done["usage"] = usage
+        send("response.completed", response=done)
+        self._end_stream()
+
+    def _create(self, body: Any, parse_error: str | None) -> None:
+        """Ollama's /api/create from an existing model (`from`) with `parameters`: a new name for it."""
+        fake = self.server.fake
+        if parse_error or not isinstance(body, dict):
+            self._error("ollama", 400, parse_error or "invalid request body")
+            return
+        name, source = body.get("model"), body.get("from")
+        if not isinstance(name, str) or not name or not isinstance(source, str):
+            self._error("ollama", 400, "model and from are required")
+            return
+        if not fake._has_model("ollama", source):
+            self._error("ollama", 404, f"model '{source}' not found")
+            return
+        if not isinstance(body.get("parameters", {}), dict):
+            self._error("ollama", 400, "parameters must be an object")
+            return
+        fake._create_model(_ollama_name(name), body)
+        self._json(200, {"status": "success"})
+
+
+def _item_text(item: Mapping[str, Any]) -> str:
+    """The text of a Responses input item: a string, or its input_text/output_text parts."""
+    content = item.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def _responses_text(body: Mapping[str, Any]) -> str:
+    """Everything a Responses call asks the model to read: instructions, messages, tool calls and outputs."""
+    parts = [str(body.get("instructions") or "")]
+    for item in body["input"]:
+        parts.append(_item_text(item))
+        parts.append(str(item.get("arguments", "")) + str(item.get("output", "")))
+    return " ".join(parts)
+
+
+def _check_responses(body: object) -> str | None:
+    """Why a /v1/responses body is malformed (as Codex 0.169 sends it: streamed, input items, tools), or None."""
+    if not isinstance(body, dict):
+        return "We could not parse the JSON body of your request."
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        return "Missing required parameter: 'model'."
+    items = body.get("input")
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        return "Invalid 'input': expected a non-empty array of items."
+    for i, item in enumerate(items):
+        kind = item.get("type", "message")
+        if kind == "message" and item.get("role") not in OPENAI_ROLES:
+            return f"Invalid value for 'input[{i}].role'."
+        if kind in ("function_call", "function_call_output") and not isinstance(item.get("call_id"), str):
+            return f"Missing required parameter: 'input[{i}].call_id'."
+    if body.get("stream") is not True:
+        return "This fake answers streamed Responses calls only ('stream': true)."
+    tools = body.get("tools", [])
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and "type" in t for t in tools):
+        return "Invalid 'tools': expected an array of tool objects."
+    return None
 
 
 def _llama_cpp_overflow(prompt_tokens: int, n_ctx: int) -> dict[str, Any]:
