@@ -384,6 +384,10 @@ def code_fake() -> Iterator[FakeLLMServer]:
 @pytest.fixture(scope="module")
 def code_system(tmp_path_factory: pytest.TempPathFactory, code_fake: FakeLLMServer, codex_bin: Path) -> Iterator[System]:
     user_home = tmp_path_factory.mktemp("user-home")
+    project = tmp_path_factory.mktemp("project")
+    for shipped in FILES:
+        (project / shipped.path).parent.mkdir(parents=True, exist_ok=True)
+        (project / shipped.path).write_text(shipped.content)
     running = make_system(
         tmp_path_factory.mktemp("koubou-home"),
         HOME=str(user_home),  # the worker's user: its ~/.codex must stay untouched
@@ -391,6 +395,7 @@ def code_system(tmp_path_factory: pytest.TempPathFactory, code_fake: FakeLLMServ
         KOUBOU_DEFAULT_MODEL=MODEL,
         KOUBOU_CODEX_BIN=str(codex_bin),
         KOUBOU_CODEX_NUM_CTX=str(NUM_CTX),
+        KOUBOU_WORKSPACE_ROOTS=str(project),
         KOUBOU_WORKER_AUTOSCALE="2,2",
         KOUBOU_OLLAMA_SLOTS="2",
     ).start(timeout=180)
@@ -503,3 +508,21 @@ def test_a_code_task_past_the_demo_models_context_fails_naming_the_sizes(demo_co
     result = body["result"]
     assert result["error_type"] == "PromptTooLong" and len(result["attempts"]) == 1
     assert "(8192 tokens per request)" in result["error"] and "does not fit the model's context" in result["error"]
+
+
+def test_files_named_over_http_reach_codex_and_come_back_as_a_diff(code_system: System) -> None:
+    """The API reads the named files on its machine; the worker's Codex edits them; the diff returns."""
+    code, body = code_system.delegate(
+        type="code", prompt=f"Say hello.\nRUN: {EDIT}", files=["greet.py", "pkg/util.py"], sync=True,
+        options={"timeout": 120},
+    )  # fmt: skip
+    assert code == 200, body
+    result = body["result"]
+    assert body["status"] == "completed" and result["success"] is True, body
+    assert "-    return 'hi ' + name\n+    return 'hello ' + name" in result["diff"]
+    assert "deleted file mode" in result["diff"] and "pkg/util.py" in result["diff"]
+    assert result["changed_files"]["greet.py"] == GREET.replace("'hi '", "'hello '")
+    assert result["changed_files"]["notes/todo.md"] == "- say hello\n"
+    # A path outside the project is refused before anything is queued.
+    code, body = code_system.delegate(type="code", prompt="x", files=["../outside.py"])
+    assert code == 400 and body["detail"]["path"] == "../outside.py", body
