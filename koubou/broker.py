@@ -41,6 +41,18 @@ def requeue_unacked(app: Celery, task_ids: Iterable[str]) -> set[str]:
     return requeued
 
 
+def unacked_task_ids(app: Celery) -> set[str]:
+    """Ids of the tasks delivered to a worker and not yet acknowledged."""
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        return {task_id for _, raw in channel.client.hscan_iter(channel.unacked_key) if (task_id := _unacked_task_id(raw))}
+
+
+def held_task_ids(app: Celery) -> set[str]:
+    """Ids of every task the broker holds: waiting in a queue or delivered and unacknowledged."""
+    return queued_task_ids(app) | unacked_task_ids(app)
+
+
 def queue_depths(client: redis.Redis, queues: Iterable[str] = QUEUES) -> dict[str, int]:
     """How many messages wait in each queue (one round trip). koubou sends no message priorities,
     so every message is in the queue's main list."""

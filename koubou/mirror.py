@@ -21,7 +21,7 @@ from celery import Celery
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from .broker import promote, queued_task_ids, requeue_unacked
+from .broker import held_task_ids, promote, queued_task_ids, requeue_unacked
 from .constants import MIRROR_ALIVE_KEY, MIRROR_ALIVE_TTL, TaskStatus, WorkerStatus
 from .db.models import SystemLogRow, TaskRow, WorkerRow
 from .db.session import utcnow
@@ -44,6 +44,11 @@ TASK_EVENT_STATUS: dict[str, TaskStatus | None] = {
 }
 WORKER_EVENTS = frozenset({"worker-online", "worker-heartbeat", "worker-offline"})
 NON_FINAL = (TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value)
+
+
+#: Seconds a pending row may go without a message in the broker before it is checked as never sent
+#: (the API retries a send for about two seconds, then fails the row itself).
+UNSENT_AFTER = 30.0
 
 
 def _free_slots(app: Celery, task_ids: Iterable[str]) -> int:
@@ -80,6 +85,8 @@ class Mirror:
         ageing: float = 120.0,
         promote: Callable[[Celery, Iterable[str]], set[str]] = promote,
         free_slots: Callable[[Celery, Iterable[str]], object] | None = None,
+        held: Callable[[Celery], set[str]] = held_task_ids,
+        unsent_after: float = UNSENT_AFTER,
     ) -> None:
         self.celery = celery
         self.sessions = sessions
@@ -94,6 +101,10 @@ class Mirror:
         self.ageing = ageing
         self.promote = promote
         self.free_slots = free_slots or _free_slots
+        self.held = held
+        self.unsent_after = unsent_after
+        # Pending rows the broker did not hold at the last look; failed when still missing at the next.
+        self._unsent_suspects: set[str] = set()
         self.started = time.monotonic()
         self.events: queue.Queue[Event] = queue.Queue()
         self.stopping = threading.Event()
@@ -133,6 +144,7 @@ class Mirror:
             if time.monotonic() >= next_reconcile:
                 self._guarded(self.reconcile)
                 self._guarded(self.age_queued)
+                self._guarded(self.fail_unsent)
                 # Heartbeats only count once the receiver had time to hear them.
                 if time.monotonic() - self.started > self.offline_after * 1.5:
                     self._guarded(self.mark_offline)
@@ -445,6 +457,47 @@ class Mirror:
                                          message=message, task_id=task_id))  # fmt: skip
                 log.warning("reaper: %s", message)
         return len(ids)
+
+    def fail_unsent(self) -> int:
+        """Fail pending rows whose message never reached the broker (the API died between writing
+        the row and sending it): no worker will ever run them, so they must not stay pending.
+
+        A row counts only when it is older than `unsent_after`, has no state in the result
+        backend, and the broker held no message for it at two looks in a row (a message moves
+        between a queue and the unacked hash in separate steps)."""
+        cutoff = utcnow() - timedelta(seconds=self.unsent_after)
+        with self.sessions() as session:
+            old = set(
+                session.scalars(
+                    select(TaskRow.task_id)
+                    .where(TaskRow.status == TaskStatus.PENDING.value, TaskRow.created_at < cutoff)
+                    .limit(1000)
+                ).all()
+            )
+        if not old:
+            self._unsent_suspects = set()
+            return 0
+        missing = old - self.held(self.celery)
+        missing = {task_id for task_id in missing if self._backend_view(task_id) is None}
+        unsent, self._unsent_suspects = missing & self._unsent_suspects, missing
+        if not unsent:
+            return 0
+        result = {"success": False, "output": None, "error_type": "NeverQueued",
+                  "error": "the task was never queued: the API stopped before handing it to the broker; submit it again"}  # fmt: skip
+        failed = 0
+        with self.sessions.begin() as session:
+            for task_id in sorted(unsent):
+                row = session.get(TaskRow, task_id)
+                if row is None or row.status != TaskStatus.PENDING.value:
+                    continue
+                self._set_status(row, TaskStatus.FAILED, result, None, utcnow())
+                row.updated_at = utcnow()
+                session.add(SystemLogRow(timestamp=utcnow(), level="WARNING", component="mirror",
+                                         message=f"task {task_id} was never queued; failed", task_id=task_id))  # fmt: skip
+                failed += 1
+        self._unsent_suspects -= unsent
+        log.warning("mirror: failed %d task(s) whose message never reached the broker", failed)
+        return failed
 
     def age_queued(self) -> int:
         """Move tasks queued longer than `ageing` up one priority class, so none starves forever."""

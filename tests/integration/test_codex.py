@@ -273,9 +273,17 @@ def test_a_timeout_kills_codex_and_every_process_it_started(fake: FakeLLMServer,
         except BaseException as error:  # noqa: BLE001 - handed to the test thread
             outcome["error"] = error
 
+    # Only what this run starts: a session-wide system (and its pool's new processes) may also be
+    # running below this process, so follow this process's new direct children only.
+    already = descendants(os.getpid())
+
+    def started_here() -> set[int]:
+        roots = {pid for pid in descendants(os.getpid()) - already if _parent(pid) == os.getpid()}
+        return roots.union(*(descendants(root) for root in roots))
+
     thread = threading.Thread(target=run)
     thread.start()
-    seen = watch_processes(lambda: descendants(os.getpid()), until="sleep 600", thread=thread)
+    seen = watch_processes(started_here, until="sleep 600", thread=thread)
     thread.join(timeout=60)
     assert isinstance(outcome.get("error"), BackendTimeout), outcome
     assert "killed" in str(outcome["error"])
@@ -359,6 +367,13 @@ def watch_processes(
             break
         time.sleep(0.05)
     raise AssertionError(f"no process ran {until!r}; saw {[cmdline(p) for p in seen]}")
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def assert_all_gone(seen: dict[int, str], timeout: float = 15) -> None:

@@ -254,3 +254,30 @@ def test_a_lost_task_no_broker_holds_fails_and_one_still_queued_goes_back_to_pen
     assert mirror.reap() == 2
     assert row(sessions, "gone").status == "failed" and row(sessions, "gone").result["error_type"] == "WorkerLost"  # type: ignore[index]
     assert row(sessions, "waiting").status == "pending"
+
+
+def test_a_pending_row_whose_message_never_reached_the_broker_fails_after_two_looks(sessions, store) -> None:
+    held = {"queued", "unacked"}
+    mirror = Mirror(SimpleNamespace(backend=store), sessions, held=lambda _app: held, unsent_after=0)  # type: ignore[arg-type]
+    for task_id in ("queued", "unacked", "ghost", "started"):
+        add_pending(sessions, task_id)
+    store.metas["started"] = {"status": "STARTED", "result": {"hostname": "w@h"}}  # a worker has it: not a ghost
+    assert mirror.fail_unsent() == 0  # first look: only suspected
+    held.discard("unacked")  # acked meanwhile: it finished, or its result is about to be stored
+    store.metas["unacked"] = {"status": "SUCCESS", "result": {"success": True, "output": "ok"}}
+    assert mirror.fail_unsent() == 1
+    ghost = row(sessions, "ghost")
+    assert ghost.status == "failed" and ghost.result["error_type"] == "NeverQueued"  # type: ignore[index]
+    assert {row(sessions, t).status for t in ("queued", "unacked", "started")} == {"pending"}
+
+
+def test_a_row_missing_only_once_is_not_failed(sessions, store) -> None:
+    held: set[str] = set()
+    mirror = Mirror(SimpleNamespace(backend=store), sessions, held=lambda _app: held, unsent_after=0)  # type: ignore[arg-type]
+    add_pending(sessions, "moving")
+    assert mirror.fail_unsent() == 0
+    held.add("moving")  # seen in the broker at the second look (it was between two lists)
+    assert mirror.fail_unsent() == 0
+    held.clear()
+    assert mirror.fail_unsent() == 0  # suspected anew, not failed on a stale suspicion
+    assert row(sessions, "moving").status == "pending"
