@@ -155,7 +155,10 @@ def main() -> None:
     args = parser.parse_args()
 
     with FakeLLMServer(models=(MODEL,)) as fake, tempfile.TemporaryDirectory() as home:
+        # As many backend slots as worker processes: the fake has no limit and the bare side none
+        # either, so leases are taken and given back (their cost counts) but never make a task wait.
         system = make_system(Path(home), OLLAMA_HOST=fake.url, KOUBOU_DEFAULT_MODEL=MODEL,
+                             KOUBOU_OLLAMA_SLOTS=str(args.workers),
                              KOUBOU_WORKER_AUTOSCALE=f"{args.workers},{args.workers}")  # fmt: skip
         system.start()
         broker = f"redis://127.0.0.1:{system.redis_port}/0"
