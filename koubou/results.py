@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from celery import states
 
 from .constants import TaskStatus
@@ -85,3 +90,108 @@ def _naive_utc(value: Any) -> datetime | None:
     if not isinstance(value, datetime):
         return None
     return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+
+
+class ResultWaiter:
+    """Wakes threads waiting on a task when the result backend publishes a new state for it.
+
+    Celery's Redis result backend publishes every state it stores on the task's key. One pattern
+    subscription per process (on its own thread) hears them all, so a `sync` delegation answers as
+    soon as its result is stored instead of at the next poll; with the subscription down (broker
+    restart), `listening` is clear and waiters poll.
+    """
+
+    def __init__(self, client: redis.Redis, key_prefix: str | bytes) -> None:
+        self.client = client
+        self.prefix = key_prefix.encode() if isinstance(key_prefix, str) else key_prefix
+        self.listening = threading.Event()
+        self._waiters: dict[str, set[threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @contextmanager
+    def watching(self, task_id: str) -> Iterator[threading.Event]:
+        """An event set whenever the task's stored state changes, while the block runs."""
+        self._start()
+        changed = threading.Event()
+        with self._lock:
+            self._waiters.setdefault(task_id, set()).add(changed)
+        try:
+            yield changed
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(task_id, set())
+                waiting.discard(changed)
+                if not waiting:
+                    self._waiters.pop(task_id, None)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _start(self) -> None:
+        # Started on first use, in the process that serves requests (gunicorn forks after import).
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._listen, name="koubou-result-waiter", daemon=True)
+                self._thread.start()
+
+    def _listen(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            pubsub = self.client.pubsub()
+            try:
+                pubsub.psubscribe(self.prefix + b"*")
+                while not self._stopping.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["type"] == "psubscribe":
+                        # Only now does Redis deliver: a waiter that reads the state after this misses nothing.
+                        self.listening.set()
+                        backoff = 0.1
+                    elif message["type"] == "pmessage":
+                        self._wake(message["channel"][len(self.prefix) :].decode())
+            except Exception as error:  # broker restart, network: waiters poll meanwhile
+                self.listening.clear()
+                log.warning("result waiter: subscription lost (%s); again in %.1fs", error, backoff)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                self.listening.clear()
+                try:
+                    pubsub.close()
+                except Exception:  # closing a broken connection must not stop the loop
+                    pass
+
+    def _wake(self, task_id: str) -> None:
+        with self._lock:
+            waiting = list(self._waiters.get(task_id, ()))
+        for changed in waiting:
+            changed.set()
+
+
+def wait_until_final(
+    app: Any, waiter: ResultWaiter, task_id: str, timeout: float, fallback_poll: float = 1.0
+) -> BackendView | None:
+    """The task's view once final (or the last one seen when `timeout` passes).
+
+    Woken by the backend's publication; polls every `fallback_poll` seconds in case one is
+    missed, and from 5 ms (backing off) while the subscription is down.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    with waiter.watching(task_id) as changed:
+        while True:
+            changed.clear()  # before reading, so a publication after the read is not lost
+            view = read_view(app, task_id)
+            if view is not None and view.status.is_final:
+                return view
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return view
+            if waiter.listening.is_set():
+                changed.wait(min(remaining, fallback_poll))
+            else:
+                changed.wait(min(remaining, delay))
+                delay = min(delay * 1.3, 0.1)

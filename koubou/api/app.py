@@ -20,6 +20,7 @@ from ..celery import app as celery_app
 from ..config import Settings, get_settings
 from ..db.models import TaskRow, WorkerRow
 from ..db.session import make_engine, make_session_factory
+from ..results import ResultWaiter
 from ..routing import build_router
 from ..streaming import event_stream
 from . import auth
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         sessions=make_session_factory(make_engine(settings.database_url)),
         router=build_router(settings),
         redis=redis.Redis.from_url(settings.broker, socket_timeout=2, socket_connect_timeout=2),
+        results=ResultWaiter(celery_app.backend.client, celery_app.backend.task_keyprefix),
     )
     app = Flask("koubou")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES

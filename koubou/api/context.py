@@ -10,6 +10,7 @@ from redis import Redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import Settings
+from ..results import ResultWaiter
 from ..routing import Router
 
 
@@ -30,3 +31,4 @@ class ApiContext:
     sessions: sessionmaker[Session]
     router: Router
     redis: Redis  # the broker's Redis
+    results: ResultWaiter  # wakes `sync` waits when a result is stored

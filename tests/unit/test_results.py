@@ -1,0 +1,74 @@
+"""Waiting for a task's result: woken by the result backend's publication, polling as the fallback."""
+
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import fakeredis
+
+from koubou.constants import TaskStatus
+from koubou.results import ResultWaiter, wait_until_final
+
+PREFIX = "celery-task-meta-"
+
+
+class Backend:
+    """Stands in for Celery's Redis result backend: stores a meta and publishes it on the task's key."""
+
+    def __init__(self, client: fakeredis.FakeRedis) -> None:
+        self.client = client
+        self.metas: dict[str, dict[str, Any]] = {}
+
+    def get_task_meta(self, task_id: str) -> dict[str, Any]:
+        return self.metas.get(task_id, {"status": "PENDING", "result": None})
+
+    def store(self, task_id: str, meta: dict[str, Any]) -> None:
+        self.metas[task_id] = meta
+        self.client.publish(PREFIX + task_id, "{}")
+
+
+def test_a_stored_result_wakes_the_waiter_at_once() -> None:
+    client = fakeredis.FakeRedis()
+    backend = Backend(client)
+    waiter = ResultWaiter(client, PREFIX)
+    app = SimpleNamespace(backend=backend)
+    try:
+        with waiter.watching("warm-up"):
+            assert waiter.listening.wait(5)
+        done = {"status": "SUCCESS", "result": {"success": True, "output": "hi"}}
+        threading.Timer(0.2, backend.store, ("t1", done)).start()
+        began = time.monotonic()
+        view = wait_until_final(app, waiter, "t1", timeout=10, fallback_poll=5.0)
+        took = time.monotonic() - began
+    finally:
+        waiter.stop()
+    assert view is not None and view.status == TaskStatus.COMPLETED and view.result == done["result"]
+    assert 0.15 < took < 2.0  # woken by the publication, not by the 5 s fallback poll
+
+
+def test_a_result_already_stored_returns_without_waiting() -> None:
+    client = fakeredis.FakeRedis()
+    backend = Backend(client)
+    backend.metas["t2"] = {"status": "FAILURE", "result": "boom"}
+    waiter = ResultWaiter(client, PREFIX)
+    try:
+        view = wait_until_final(SimpleNamespace(backend=backend), waiter, "t2", timeout=10)
+    finally:
+        waiter.stop()
+    assert view is not None and view.status == TaskStatus.FAILED
+
+
+def test_without_a_subscription_the_waiter_polls_and_times_out_with_the_last_view() -> None:
+    client = fakeredis.FakeRedis()
+    backend = Backend(client)
+    backend.metas["t3"] = {"status": "STARTED", "result": None, "worker": "w"}
+    waiter = ResultWaiter(client, PREFIX)
+    waiter._start = lambda: None  # type: ignore[method-assign]  # the listener never comes up
+    done = {"status": "SUCCESS", "result": {"success": True, "output": "late"}}
+    threading.Timer(0.2, backend.metas.__setitem__, ("t3", done)).start()
+    view = wait_until_final(SimpleNamespace(backend=backend), waiter, "t3", timeout=5)
+    assert view is not None and view.status == TaskStatus.COMPLETED  # found by polling
+    began = time.monotonic()
+    view = wait_until_final(SimpleNamespace(backend=backend), waiter, "never", timeout=0.3)
+    assert view is None and time.monotonic() - began < 1.0
