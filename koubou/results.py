@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 from celery import states
+from celery.backends.redis import RedisBackend
 
 from .constants import TaskStatus
 from .jobs import DelegationFailed
@@ -31,6 +32,19 @@ class BackendView:
     result: dict[str, Any] | None
     worker: str | None
     completed_at: datetime | None = None
+
+
+class ResultBackend(RedisBackend):
+    """Celery's Redis result backend without the subscription it makes for every task it sends.
+
+    Celery subscribes to a task's result channel when the task is sent, for a later
+    `AsyncResult.get()`. koubou never joins results that way (ResultWaiter wakes the API's waits), and
+    the SUBSCRIBE and UNSUBSCRIBE were two broker round trips on every delegation's path.
+    `AsyncResult.get()` still works: it subscribes itself, then reads the stored state.
+    """
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        pass
 
 
 def read_view(app: Any, task_id: str) -> BackendView | None:

@@ -8,7 +8,8 @@ from typing import Any
 import fakeredis
 
 from koubou.constants import TaskStatus
-from koubou.results import ResultWaiter, wait_until_final
+from koubou.celery import app as koubou_app
+from koubou.results import ResultBackend, ResultWaiter, wait_until_final
 
 PREFIX = "celery-task-meta-"
 
@@ -72,3 +73,11 @@ def test_without_a_subscription_the_waiter_polls_and_times_out_with_the_last_vie
     began = time.monotonic()
     view = wait_until_final(SimpleNamespace(backend=backend), waiter, "never", timeout=0.3)
     assert view is None and time.monotonic() - began < 1.0
+
+
+def test_koubou_sends_tasks_without_subscribing_to_their_results() -> None:
+    backend = koubou_app.backend
+    assert isinstance(backend, ResultBackend)
+    assert backend.as_uri().startswith(("redis://", "rediss://"))
+    backend.on_task_call(None, "t4")
+    assert not backend.result_consumer.subscribed_to  # nothing subscribed, no round trip made
