@@ -120,6 +120,7 @@ class ResultWaiter:
         self.prefix = key_prefix.encode() if isinstance(key_prefix, str) else key_prefix
         self.listening = threading.Event()
         self._waiters: dict[str, set[threading.Event]] = {}
+        self._latest: dict[str, bytes] = {}  # the last state published for each watched task
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -139,6 +140,12 @@ class ResultWaiter:
                 waiting.discard(changed)
                 if not waiting:
                     self._waiters.pop(task_id, None)
+                    self._latest.pop(task_id, None)
+
+    def latest(self, task_id: str) -> bytes | None:
+        """The last state the backend published for a watched task (as stored), if any."""
+        with self._lock:
+            return self._latest.get(task_id)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -165,7 +172,7 @@ class ResultWaiter:
                         self.listening.set()
                         backoff = 0.1
                     elif message["type"] == "pmessage":
-                        self._wake(message["channel"][len(self.prefix) :].decode())
+                        self._wake(message["channel"][len(self.prefix) :].decode(), message["data"])
             except Exception as error:  # broker restart, network: waiters poll meanwhile
                 self.listening.clear()
                 log.warning("result waiter: subscription lost (%s); again in %.1fs", error, backoff)
@@ -178,9 +185,11 @@ class ResultWaiter:
                 except Exception:  # closing a broken connection must not stop the loop
                     pass
 
-    def _wake(self, task_id: str) -> None:
+    def _wake(self, task_id: str, data: bytes) -> None:
         with self._lock:
             waiting = list(self._waiters.get(task_id, ()))
+            if waiting:
+                self._latest[task_id] = data
         for changed in waiting:
             changed.set()
 
@@ -190,22 +199,33 @@ def wait_until_final(
 ) -> BackendView | None:
     """The task's view once final (or the last one seen when `timeout` passes).
 
-    Woken by the backend's publication; polls every `fallback_poll` seconds in case one is
-    missed, and from 5 ms (backing off) while the subscription is down.
+    Woken by the backend's publication, whose payload is the stored state (no read needed); reads
+    the backend first, and every `fallback_poll` seconds in case a publication is missed, and from
+    5 ms (backing off) while the subscription is down.
     """
     deadline = time.monotonic() + timeout
     delay = 0.005
     with waiter.watching(task_id) as changed:
+        published: bytes | None = None
         while True:
-            changed.clear()  # before reading, so a publication after the read is not lost
-            view = read_view(app, task_id)
+            view = _published_view(app, published) if published is not None else read_view(app, task_id)
             if view is not None and view.status.is_final:
                 return view
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return view
             if waiter.listening.is_set():
-                changed.wait(min(remaining, fallback_poll))
+                woke = changed.wait(min(remaining, fallback_poll))
             else:
-                changed.wait(min(remaining, delay))
+                woke = changed.wait(min(remaining, delay))
                 delay = min(delay * 1.3, 0.1)
+            changed.clear()  # before taking the payload: a newer publication sets it again
+            published = waiter.latest(task_id) if woke else None
+
+
+def _published_view(app: Any, payload: bytes) -> BackendView | None:
+    try:
+        return view_from_meta(app.backend.decode_result(payload))
+    except Exception:  # not a state we can read: ask the backend instead
+        log.warning("cannot decode a published state; reading the result backend", exc_info=True)
+        return None

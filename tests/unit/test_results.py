@@ -1,5 +1,6 @@
 """Waiting for a task's result: woken by the result backend's publication, polling as the fallback."""
 
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -24,9 +25,12 @@ class Backend:
     def get_task_meta(self, task_id: str) -> dict[str, Any]:
         return self.metas.get(task_id, {"status": "PENDING", "result": None})
 
-    def store(self, task_id: str, meta: dict[str, Any]) -> None:
+    def decode_result(self, payload: bytes) -> dict[str, Any]:
+        return dict(json.loads(payload))
+
+    def store(self, task_id: str, meta: dict[str, Any], published: dict[str, Any] | None = None) -> None:
         self.metas[task_id] = meta
-        self.client.publish(PREFIX + task_id, "{}")
+        self.client.publish(PREFIX + task_id, json.dumps(published or meta))
 
 
 def test_a_stored_result_wakes_the_waiter_at_once() -> None:
@@ -46,6 +50,22 @@ def test_a_stored_result_wakes_the_waiter_at_once() -> None:
         waiter.stop()
     assert view is not None and view.status == TaskStatus.COMPLETED and view.result == done["result"]
     assert 0.15 < took < 2.0  # woken by the publication, not by the 5 s fallback poll
+
+
+def test_the_published_state_is_used_without_reading_the_backend_again() -> None:
+    client = fakeredis.FakeRedis()
+    backend = Backend(client)
+    waiter = ResultWaiter(client, PREFIX)
+    try:
+        with waiter.watching("warm-up"):
+            assert waiter.listening.wait(5)
+        stored = {"status": "SUCCESS", "result": {"success": True, "output": "stored"}}
+        published = {"status": "SUCCESS", "result": {"success": True, "output": "published"}}
+        threading.Timer(0.2, backend.store, ("t5", stored, published)).start()
+        view = wait_until_final(SimpleNamespace(backend=backend), waiter, "t5", timeout=10, fallback_poll=5.0)
+    finally:
+        waiter.stop()
+    assert view is not None and view.result == published["result"]
 
 
 def test_a_result_already_stored_returns_without_waiting() -> None:
