@@ -232,9 +232,11 @@ def stage_timeline(broker: str, api: Api, count: int = 60) -> dict[str, list[flo
     time.sleep(0.5)
     if receiver_box:
         receiver_box[0].should_stop = True
-    names = ("API: request to message sent", "broker: sent to received by the worker", "worker: received to started",
-             "task: started to backend call", "backend call (streamed)", "task: call end to result stored",
-             "API: result stored to answer at the client")  # fmt: skip
+    # Events are sent after what they report: task-succeeded after the result is stored, which is
+    # when the API answers, so the last stage can be below zero.
+    names = ("API: request to message sent (task-sent)", "broker: to the worker (task-received)",
+             "worker: to the pool process (task-started)", "task: started to backend call",
+             "backend call (streamed)", "task: call end to task-succeeded", "API: task-succeeded to answer")  # fmt: skip
     stages: dict[str, list[float]] = {name: [] for name in names}
     for sent, answered, body in runs:
         seen = events.get(body["task_id"], {})
