@@ -8,7 +8,8 @@ from koubou.constants import DEFAULT_QUEUE, DELEGATE_TASK, QUEUES
 _settings = get_settings()
 
 broker_url = _settings.broker
-result_backend = _settings.result_backend
+# koubou.results.ResultBackend: Celery's Redis backend on the same URL, without a per-task subscription.
+result_backend = f"koubou.results:ResultBackend+{_settings.result_backend}"
 broker_connection_retry_on_startup = True
 
 task_serializer = "json"

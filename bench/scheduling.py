@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import mirrored  # noqa: E402
 from tests.fakes.llm_server import FakeLLMServer  # noqa: E402
 from tests.harness import System, make_system  # noqa: E402
 
@@ -39,7 +40,7 @@ def utilisation(servers: list[tuple[FakeLLMServer, int]], tasks: int, workers: i
         try:
             ids = submit_all(system, tasks)
             finals = [system.wait_final(task_id, timeout=600) for task_id in ids]
-            rows = {r["task_id"]: r for r in system.sql("SELECT task_id, started_at, completed_at FROM task_master")}
+            rows = mirrored(system, ids)
         finally:
             system.stop()
     calls = [a for f in finals for a in f["result"]["attempts"] if a["ok"]]

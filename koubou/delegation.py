@@ -162,7 +162,8 @@ class Delegation:
         delay = 0.02
         while True:
             try:
-                ordered = sorted(candidates, key=lambda c: self.leases.in_use(c[0].name))  # type: ignore[union-attr]
+                # Least busy first; one candidate needs no count (a Redis round trip per task saved).
+                ordered = candidates if len(candidates) == 1 else sorted(candidates, key=lambda c: self.leases.in_use(c[0].name))  # type: ignore[union-attr]
                 for backend, model in ordered:
                     slots = self.router.slots_of(backend)
                     if slots is None:

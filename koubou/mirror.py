@@ -76,6 +76,7 @@ class Mirror:
         redis_client: redis.Redis | None = None,
         *,
         flush_interval: float = 0.2,
+        batch_window: float = 0.05,
         batch_size: int = 500,
         reconcile_interval: float = 5.0,
         offline_after: float = 10.0,
@@ -92,6 +93,7 @@ class Mirror:
         self.sessions = sessions
         self.redis = redis_client
         self.flush_interval = flush_interval
+        self.batch_window = batch_window
         self.batch_size = batch_size
         self.reconcile_interval = reconcile_interval
         self.offline_after = offline_after
@@ -172,10 +174,16 @@ class Mirror:
         try:
             if block:
                 batch.append(self.events.get(timeout=self.flush_interval))
-            while len(batch) < self.batch_size:
-                batch.append(self.events.get_nowait())
         except queue.Empty:
-            pass
+            return batch
+        # Gather what arrives in the next moment too: a task sends four events within milliseconds,
+        # and one transaction per few events costs the mirror most of its CPU under load.
+        until = time.monotonic() + (self.batch_window if block else 0.0)
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(self.events.get(timeout=max(0.0, until - time.monotonic())) if block else self.events.get_nowait())
+            except queue.Empty:
+                break
         return batch
 
     def _announce(self) -> None:
@@ -192,14 +200,19 @@ class Mirror:
             try:
                 with self.sessions.begin() as session:
                     touched: set[str] = set()
-                    for event in events:
-                        kind = event.get("type", "")
-                        if kind in TASK_EVENT_STATUS:
-                            worker = self._apply_task_event(session, event, views)
-                            if worker:
-                                touched.add(worker)
-                        elif kind in WORKER_EVENTS:
-                            self._apply_worker_event(session, event)
+                    # Rows are read in two queries and changed in memory, then written at once: SQLite
+                    # has one writer, and the API's inserts wait while a batch holds the write lock.
+                    with session.no_autoflush:
+                        loaded = self._load_rows(session, events)  # noqa: F841 (held: see _load_rows)
+                        for event in events:
+                            kind = event.get("type", "")
+                            if kind in TASK_EVENT_STATUS:
+                                worker = self._apply_task_event(session, event, views)
+                                if worker:
+                                    touched.add(worker)
+                            elif kind in WORKER_EVENTS:
+                                self._apply_worker_event(session, event)
+                    session.flush()
                     self._recount(session, touched)
                 return
             except Exception:
@@ -207,6 +220,21 @@ class Mirror:
                     log.exception("mirror: dropping a batch of %d events (reconcile will catch up)", len(events))
                     return
                 time.sleep(0.2 * (attempt + 1))
+
+    @staticmethod
+    def _load_rows(session: Session, events: list[Event]) -> list[object]:
+        """Load the batch's task and worker rows, so session.get() finds them without SQL.
+
+        The session's identity map holds rows weakly: keep the returned list while using them.
+        """
+        task_ids = {e["uuid"] for e in events if e.get("type") in TASK_EVENT_STATUS and e.get("uuid")}
+        workers = {e["hostname"] for e in events if e.get("hostname")}
+        loaded: list[object] = []
+        if task_ids:
+            loaded += session.scalars(select(TaskRow).where(TaskRow.task_id.in_(task_ids))).all()
+        if workers:
+            loaded += session.scalars(select(WorkerRow).where(WorkerRow.worker_id.in_(workers))).all()
+        return loaded
 
     def _final_views(self, events: list[Event]) -> dict[str, BackendView]:
         """Full results of finished tasks: event payloads are truncated reprs."""
@@ -251,10 +279,12 @@ class Mirror:
         self._set_status(row, status, result, worker, _when(stamp))
         row.last_event_at = max(stamp, row.last_event_at or 0.0)
         if worker:
-            self._follow_task(self._ensure_worker(session, worker, stamp=stamp), before, status)
-        if status == TaskStatus.COMPLETED and worker and result and result.get("model"):
-            session.execute(update(WorkerRow).where(WorkerRow.worker_id == worker).values(model_name=result["model"]))
-        return worker
+            worker_row = self._ensure_worker(session, worker, stamp=stamp)
+            self._follow_task(worker_row, before, status)
+            if status == TaskStatus.COMPLETED and result and result.get("model"):
+                worker_row.model_name = result["model"]
+        # The worker whose counters to derive again: they count finished tasks only.
+        return worker if status.is_final else None
 
     def _adopt(self, session: Session, task_id: str, event: Event) -> TaskRow:
         """A task the API did not create (sent with the Celery API directly)."""

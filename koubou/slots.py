@@ -22,12 +22,27 @@ def slots_key(backend: str) -> str:
     return f"koubou:slots:{backend}"
 
 
+#: Take a lease if fewer than `slots` live ones exist, in one atomic step (one round trip: every reply
+#: from the broker waits for its fsync). KEYS[1]: the backend's lease set. ARGV: now, slots, lease,
+#: the lease's expiry, the set's TTL in seconds. Returns 1 when taken.
+_ACQUIRE = """
+if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[1], '+inf') >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
 class SlotLeases:
     """Acquire, release and count backend slot leases."""
 
     def __init__(self, client: redis.Redis, clock: Callable[[], float] = time.time) -> None:
         self.client = client
         self.clock = clock
+        self._acquire = client.register_script(_ACQUIRE)
 
     def acquire(self, backend: str, slots: int, hold_for: float, holder: str = "") -> str | None:
         """A lease id when one of the backend's `slots` is free, else None. Atomic across workers.
@@ -35,25 +50,11 @@ class SlotLeases:
         The lease id starts with `holder` (the task id), so release_held_by() can free the slots
         of tasks whose worker died without waiting for the leases to expire.
         """
-        key = slots_key(backend)
         lease = f"{holder}{HOLDER_SEP}{uuid.uuid4().hex}"
-        with self.client.pipeline() as pipe:
-            for _ in range(20):  # WATCH retries under contention; bounded
-                try:
-                    pipe.watch(key)
-                    now = self.clock()
-                    if pipe.zcount(key, f"({now}", "+inf") >= slots:
-                        pipe.unwatch()
-                        return None
-                    pipe.multi()
-                    pipe.zremrangebyscore(key, "-inf", now)  # leases of dead workers
-                    pipe.zadd(key, {lease: now + hold_for + LEASE_MARGIN})
-                    pipe.expire(key, int(hold_for + LEASE_MARGIN) + 60)
-                    pipe.execute()
-                    return lease
-                except redis.WatchError:
-                    continue
-        return None
+        now = self.clock()
+        ttl = int(hold_for + LEASE_MARGIN) + 60  # the set outlives its longest lease
+        args = [repr(now), slots, lease, repr(now + hold_for + LEASE_MARGIN), ttl]
+        return lease if self._acquire(keys=[slots_key(backend)], args=args) else None
 
     def release(self, backend: str, lease: str) -> None:
         self.client.zrem(slots_key(backend), lease)

@@ -21,6 +21,7 @@ from ..config import Settings, get_settings
 from ..db.models import TaskRow, WorkerRow
 from ..db.session import make_engine, make_session_factory
 from ..prompts import ExceedsMaxContext
+from ..results import ResultWaiter
 from ..routing import build_router
 from ..streaming import event_stream
 from ..workspace import (
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         router=build_router(settings),
         redis=redis.Redis.from_url(settings.broker, socket_timeout=2, socket_connect_timeout=2),
         workspace=Workspace.from_settings(settings),
+        results=ResultWaiter(celery_app.backend.client, celery_app.backend.task_keyprefix),
     )
     app = Flask("koubou")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES

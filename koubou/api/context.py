@@ -10,6 +10,7 @@ from redis import Redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import Settings
+from ..results import ResultWaiter
 from ..routing import Router
 from ..workspace import Workspace
 
@@ -32,3 +33,4 @@ class ApiContext:
     router: Router
     redis: Redis  # the broker's Redis
     workspace: Workspace  # where task files may be read from, and the limits
+    results: ResultWaiter  # wakes `sync` waits when a result is stored

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +22,7 @@ from ..db.models import AgentCommunicationRow, TaskRow
 from ..db.session import utcnow
 from ..jobs import DelegationJob, ShippedFile, new_task_id
 from ..prompts import context_window, estimate_tokens, user_message
-from ..results import BackendView, CANCELLED, read_view
+from ..results import BackendView, CANCELLED, read_view, wait_until_final
 from ..streaming import read_progress
 from .context import ApiContext, APIError
 from .schemas import (
@@ -214,20 +213,8 @@ def cancel_task(ctx: ApiContext, task_id: str) -> TaskStatus:
 
 
 def wait_for_final(ctx: ApiContext, task_id: str, timeout: float) -> BackendView | None:
-    """Poll the result backend until the task is final or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    # Start fast (most answers from a local model take well under a second to route) and back off.
-    delay = 0.005
-    view = None
-    while True:
-        view = backend_view(ctx, task_id)
-        if view is not None and view.status.is_final:
-            return view
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return view
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 1.3, 0.1)
+    """Wait until the task is final or `timeout` passes; woken when its result is stored."""
+    return wait_until_final(ctx.celery, ctx.results, task_id, timeout)
 
 
 def get_status(ctx: ApiContext, task_id: str) -> TaskStatusResponse:

@@ -403,6 +403,9 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "FakeLLM/1.0"
+    # Headers and body go out in separate writes; with Nagle on, the client's delayed ACK holds the
+    # second one back (~40 ms), which would swamp the overheads the benchmarks measure.
+    disable_nagle_algorithm = True
     server: _HTTPServer
     _holding_slot = False
 

@@ -1,0 +1,103 @@
+"""Waiting for a task's result: woken by the result backend's publication, polling as the fallback."""
+
+import json
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import fakeredis
+
+from koubou.constants import TaskStatus
+from koubou.celery import app as koubou_app
+from koubou.results import ResultBackend, ResultWaiter, wait_until_final
+
+PREFIX = "celery-task-meta-"
+
+
+class Backend:
+    """Stands in for Celery's Redis result backend: stores a meta and publishes it on the task's key."""
+
+    def __init__(self, client: fakeredis.FakeRedis) -> None:
+        self.client = client
+        self.metas: dict[str, dict[str, Any]] = {}
+
+    def get_task_meta(self, task_id: str) -> dict[str, Any]:
+        return self.metas.get(task_id, {"status": "PENDING", "result": None})
+
+    def decode_result(self, payload: bytes) -> dict[str, Any]:
+        return dict(json.loads(payload))
+
+    def store(self, task_id: str, meta: dict[str, Any], published: dict[str, Any] | None = None) -> None:
+        self.metas[task_id] = meta
+        self.client.publish(PREFIX + task_id, json.dumps(published or meta))
+
+
+def test_a_stored_result_wakes_the_waiter_at_once() -> None:
+    client = fakeredis.FakeRedis()
+    backend = Backend(client)
+    waiter = ResultWaiter(client, PREFIX)
+    app = SimpleNamespace(backend=backend)
+    try:
+        with waiter.watching("warm-up"):
+            assert waiter.listening.wait(5)
+        done = {"status": "SUCCESS", "result": {"success": True, "output": "hi"}}
+        threading.Timer(0.2, backend.store, ("t1", done)).start()
+        began = time.monotonic()
+        view = wait_until_final(app, waiter, "t1", timeout=10, fallback_poll=5.0)
+        took = time.monotonic() - began
+    finally:
+        waiter.stop()
+    assert view is not None and view.status == TaskStatus.COMPLETED and view.result == done["result"]
+    assert 0.15 < took < 2.0  # woken by the publication, not by the 5 s fallback poll
+
+
+def test_the_published_state_is_used_without_reading_the_backend_again() -> None:
+    client = fakeredis.FakeRedis()
+    backend = Backend(client)
+    waiter = ResultWaiter(client, PREFIX)
+    try:
+        with waiter.watching("warm-up"):
+            assert waiter.listening.wait(5)
+        stored = {"status": "SUCCESS", "result": {"success": True, "output": "stored"}}
+        published = {"status": "SUCCESS", "result": {"success": True, "output": "published"}}
+        threading.Timer(0.2, backend.store, ("t5", stored, published)).start()
+        view = wait_until_final(SimpleNamespace(backend=backend), waiter, "t5", timeout=10, fallback_poll=5.0)
+    finally:
+        waiter.stop()
+    assert view is not None and view.result == published["result"]
+
+
+def test_a_result_already_stored_returns_without_waiting() -> None:
+    client = fakeredis.FakeRedis()
+    backend = Backend(client)
+    backend.metas["t2"] = {"status": "FAILURE", "result": "boom"}
+    waiter = ResultWaiter(client, PREFIX)
+    try:
+        view = wait_until_final(SimpleNamespace(backend=backend), waiter, "t2", timeout=10)
+    finally:
+        waiter.stop()
+    assert view is not None and view.status == TaskStatus.FAILED
+
+
+def test_without_a_subscription_the_waiter_polls_and_times_out_with_the_last_view() -> None:
+    client = fakeredis.FakeRedis()
+    backend = Backend(client)
+    backend.metas["t3"] = {"status": "STARTED", "result": None, "worker": "w"}
+    waiter = ResultWaiter(client, PREFIX)
+    waiter._start = lambda: None  # type: ignore[method-assign]  # the listener never comes up
+    done = {"status": "SUCCESS", "result": {"success": True, "output": "late"}}
+    threading.Timer(0.2, backend.metas.__setitem__, ("t3", done)).start()
+    view = wait_until_final(SimpleNamespace(backend=backend), waiter, "t3", timeout=5)
+    assert view is not None and view.status == TaskStatus.COMPLETED  # found by polling
+    began = time.monotonic()
+    view = wait_until_final(SimpleNamespace(backend=backend), waiter, "never", timeout=0.3)
+    assert view is None and time.monotonic() - began < 1.0
+
+
+def test_koubou_sends_tasks_without_subscribing_to_their_results() -> None:
+    backend = koubou_app.backend
+    assert isinstance(backend, ResultBackend)
+    assert backend.as_uri().startswith(("redis://", "rediss://"))
+    backend.on_task_call(None, "t4")
+    assert not backend.result_consumer.subscribed_to  # nothing subscribed, no round trip made
