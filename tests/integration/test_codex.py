@@ -44,7 +44,6 @@ from koubou.delegation import Delegation, RetryPolicy
 from koubou.demo import DEMO_MODEL_NAME
 from koubou.jobs import DelegationFailed, DelegationJob, ShippedFile
 from koubou.process_tree import descendants
-from koubou.results import CANCELLED
 from koubou.routing import Router
 from koubou.services import port_open
 from tests.codex_cli import NpmMissing, codex_cli
