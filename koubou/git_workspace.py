@@ -38,6 +38,16 @@ class Changes:
     omitted: tuple[str, ...] = ()
 
 
+def _bounded(diff: str) -> str:
+    """The diff, cut at MAX_TOTAL_BYTES with a note: a model that writes a huge file must not turn
+    the task's result (stored, published to every API process) into tens of megabytes."""
+    data = diff.encode()
+    if len(data) <= MAX_TOTAL_BYTES:
+        return diff
+    kept = data[:MAX_TOTAL_BYTES].decode(errors="ignore")
+    return kept + f"\n[koubou: the diff was cut at {MAX_TOTAL_BYTES} of its {len(data)} bytes]\n"
+
+
 def checked_path(path: str) -> PurePosixPath:
     """A shipped file's path, refused unless it is relative, `/`-separated and stays inside."""
     pure = PurePosixPath(path)
@@ -45,6 +55,8 @@ def checked_path(path: str) -> PurePosixPath:
         raise BadPath(f"file path {path!r} must be relative and use '/' separators")
     if any(part in ("..", "") for part in path.split("/")) or str(pure) != path.rstrip("/"):
         raise BadPath(f"file path {path!r} must be a plain relative path without '..' or empty parts")
+    if not pure.parts:
+        raise BadPath(f"file path {path!r} names no file")
     if pure.parts[0] in RESERVED_DIRS:
         raise BadPath(f"file path {path!r} is inside {pure.parts[0]}/, which koubou keeps for itself")
     return pure
@@ -81,7 +93,7 @@ class GitWorkspace:
     def changes(self) -> Changes:
         """Everything that differs from the shipped files: added, modified and deleted, ignored or not."""
         self._git("add", "--all", "--force")
-        diff = self._git("diff", "--cached", "--no-color", "--no-ext-diff", "--no-renames", "HEAD")
+        diff = _bounded(self._git("diff", "--cached", "--no-color", "--no-ext-diff", "--no-renames", "HEAD"))
         listing = self._git("diff", "--cached", "--name-status", "--no-renames", "-z", "HEAD")
         fields = listing.split("\0")
         files: dict[str, str] = {}

@@ -107,6 +107,7 @@ class Mirror:
         self.unsent_after = unsent_after
         # Pending rows the broker did not hold at the last look; failed when still missing at the next.
         self._unsent_suspects: set[str] = set()
+        self._next_unsent_look = 0.0
         self.started = time.monotonic()
         self.events: queue.Queue[Event] = queue.Queue()
         self.stopping = threading.Event()
@@ -507,8 +508,18 @@ class Mirror:
         if not old:
             self._unsent_suspects = set()
             return 0
-        missing = old - self.held(self.celery)
-        missing = {task_id for task_id in missing if self._backend_view(task_id) is None}
+        now = time.monotonic()
+        if now < self._next_unsent_look:
+            return 0
+        # Reading every queued message is not free under a backlog: look at most every few seconds.
+        self._next_unsent_look = now + self.unsent_after / 3
+        try:
+            missing = old - self.held(self.celery)
+            # An unreachable result backend must not read as "no result": then nothing is failed.
+            missing = {t for t in missing if self.celery.backend.get_task_meta(t).get("status") == "PENDING"}
+        except Exception:
+            log.warning("mirror: cannot tell which pending tasks the broker holds", exc_info=True)
+            return 0
         unsent, self._unsent_suspects = missing & self._unsent_suspects, missing
         if not unsent:
             return 0

@@ -9,7 +9,7 @@ from koubou.git_workspace import MAX_FILE_BYTES, BadPath, GitWorkspace, checked_
 
 
 @pytest.mark.parametrize(
-    "path", ["", "/etc/passwd", "../up.py", "a/../../b", "a//b", "./a", "a/", "a\\b", ".git/config", ".codex/config.toml", "x\0y"]
+    "path", ["", ".", "/etc/passwd", "../up.py", "a/../../b", "a//b", "./a", "a/", "a\\b", ".git/config", ".codex/config.toml", "x\0y"]
 )
 def test_paths_that_could_escape_or_take_koubous_places_are_refused(path: str) -> None:
     with pytest.raises(BadPath, match="file path"):
@@ -68,3 +68,12 @@ def test_the_users_git_configuration_is_not_read(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("HOME", str(home))
     workspace = make(tmp_path, ("a.py", "x\n"))
     assert "Author: koubou <koubou@localhost>" in workspace._git("log", "--format=Author: %an <%ae>")
+
+
+def test_a_huge_diff_is_cut_with_a_note(tmp_path: Path) -> None:
+    from koubou.git_workspace import MAX_TOTAL_BYTES, _bounded
+
+    small = "diff --git a/x b/x\n+1\n"
+    assert _bounded(small) == small
+    cut = _bounded("+" + "y" * (MAX_TOTAL_BYTES + 10))
+    assert len(cut.encode()) < MAX_TOTAL_BYTES + 200 and "the diff was cut at" in cut

@@ -46,3 +46,12 @@ def test_the_leases_of_a_dead_task_can_be_freed_at_once() -> None:
     assert leases.acquire("a", 2, 60, holder="task_alive")
     assert leases.release_held_by(["task_dead"]) == 2
     assert (leases.in_use("a"), leases.in_use("b")) == (1, 0)
+
+
+def test_a_short_task_never_shortens_the_lease_set_of_a_long_one() -> None:
+    client = fakeredis.FakeRedis()
+    leases = SlotLeases(client)
+    assert leases.acquire("b", 2, hold_for=600)
+    ttl_long = client.ttl("koubou:slots:b")
+    assert leases.acquire("b", 2, hold_for=10)
+    assert client.ttl("koubou:slots:b") >= ttl_long - 1  # the 600 s lease keeps its set alive
