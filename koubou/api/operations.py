@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from datetime import datetime
+from pathlib import PurePosixPath
 from typing import Any
 
 from flask import g
@@ -20,10 +21,12 @@ from ..constants import (
 )
 from ..db.models import AgentCommunicationRow, TaskRow
 from ..db.session import utcnow
+from ..git_workspace import BadPath, checked_path
 from ..jobs import DelegationJob, ShippedFile, new_task_id
 from ..prompts import context_window, estimate_tokens, user_message
 from ..results import BackendView, CANCELLED, read_view, wait_until_final
 from ..streaming import read_progress
+from ..workspace import FileRefused
 from .context import ApiContext, APIError
 from .schemas import (
     DelegateRequest,
@@ -66,6 +69,8 @@ def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
     timeout = min(body.options.timeout, float(settings.max_task_time))
     # Read now, on the API's machine, so the task carries them to whichever worker runs it.
     files = ctx.workspace.read(body.files) if body.files else ()
+    if body.type == TaskType.CODE:
+        _check_workspace_paths(files)
     job = DelegationJob(
         task_id=task_id,
         type=body.type,
@@ -119,6 +124,20 @@ def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
                 row.updated_at = utcnow()
         raise APIError(503, "broker unavailable", f"the task was not queued: {error}") from None
     return task_id
+
+
+def _check_workspace_paths(files: tuple[ShippedFile, ...]) -> None:
+    """Refuse now (400) what a code task's git workspace could not hold, rather than fail in the worker:
+    paths inside `.git/` or `.codex/`, and a file that another shipped path needs as a directory."""
+    shipped = {f.path for f in files}
+    for item in files:
+        try:
+            checked_path(item.path)
+        except BadPath as error:
+            raise FileRefused(item.path, str(error)) from None
+        for parent in PurePosixPath(item.path).parents:
+            if str(parent) in shipped:
+                raise FileRefused(item.path, f"{parent} is shipped as a file too, so it cannot also be its directory")
 
 
 def _num_ctx(ctx: ApiContext, body: DelegateRequest, files: tuple[ShippedFile, ...]) -> int | None:

@@ -118,3 +118,13 @@ def test_the_row_keeps_each_files_path_size_and_digest_not_its_text() -> None:
     content = _row_content(job)
     assert content["files"] == [{"path": "a.txt", "bytes": 6, "sha256": hashlib.sha256("héllo".encode()).hexdigest()}]
     assert "héllo" not in json.dumps(content) and content["prompt"] == "p"
+
+
+def test_a_code_task_cannot_ship_into_the_workspaces_git_or_codex_dirs(client: FlaskClient, root: Path) -> None:
+    (root / ".codex").mkdir(exist_ok=True)
+    (root / ".codex" / "notes.md").write_text("x\n")
+    response = client.post("/task/delegate", data=json.dumps({"type": "code", "prompt": "Fix it.", "files": [".codex/notes.md"]}),
+                           content_type="application/json")  # fmt: skip
+    body = response.get_json()
+    assert response.status_code == 400 and body["detail"]["path"] == ".codex/notes.md", body
+    assert ".codex/" in body["detail"]["reason"]
