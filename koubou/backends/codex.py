@@ -18,6 +18,7 @@ import selectors
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -169,6 +170,8 @@ class CodexSetup:
     run_dir: Path
     allow_no_sandbox: bool
     num_ctx: int
+    #: Directories Codex must not read (the worker's $KOUBOU_HOME): covered in a mount namespace.
+    hide: tuple[Path, ...] = ()
     binary_variable: str = "KOUBOU_CODEX_BIN"
     unsafe_variable: str = "CODEX_UNSAFE_ALLOW_NO_SANDBOX"
 
@@ -180,6 +183,7 @@ class CodexSetup:
             run_dir=settings.codex_run_dir,
             allow_no_sandbox=settings.codex_unsafe_no_sandbox,
             num_ctx=settings.codex_num_ctx,
+            hide=(settings.home_dir,),
             binary_variable=str(Settings.model_fields["codex_bin"].validation_alias),
             unsafe_variable=str(Settings.model_fields["codex_unsafe_no_sandbox"].validation_alias),
         )
@@ -311,7 +315,7 @@ class CodexRunner:
         model runs would fail inside the task while the task itself "completes"."""
         if binary in self._sandboxed:
             return
-        argv = [binary, "sandbox", "--", "true"]
+        argv = self._jailed([binary, "sandbox", "--", "true"], run)
         try:
             done = subprocess.run(
                 argv, capture_output=True, timeout=_bounded(VERSION_TIMEOUT, deadline), stdin=subprocess.DEVNULL,
@@ -415,6 +419,19 @@ class CodexRunner:
         argv.append("-")  # the prompt comes on stdin, never through a shell
         return argv, env
 
+    def _jailed(self, argv: list[str], run: _Run) -> list[str]:
+        """`argv` started in a private mount namespace where the hidden directories are empty and only
+        this run's own directory is back in place (see koubou.codex_jail): the sandbox confines Codex's
+        writes, this its reads of koubou's secrets and of other tasks' workspaces."""
+        if not self.setup.hide:
+            return argv
+        # Root may make a mount namespace directly; anyone else in a user namespace of their own.
+        unshare = ["unshare", "--mount", "--propagation", "private"]
+        if os.geteuid() != 0:
+            unshare += ["--user", "--map-current-user"]
+        hidden = [arg for path in self.setup.hide for arg in ("--hide", str(path))]
+        return [*unshare, sys.executable, "-m", "koubou.codex_jail", *hidden, "--keep", str(run.root), "--", *argv]
+
     def _environment(self, run: _Run) -> dict[str, str]:
         env = {name: os.environ[name] for name in PASSED_VARIABLES if name in os.environ}
         env.setdefault("PATH", os.defpath)
@@ -449,7 +466,7 @@ class CodexRunner:
         with open(prompt_file, "rb") as stdin:
             try:
                 process = subprocess.Popen(
-                    argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                    self._jailed(argv, run), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                     cwd=run.workspace, start_new_session=True,
                 )  # fmt: skip
             except OSError as error:

@@ -540,3 +540,18 @@ def test_files_named_over_http_reach_codex_and_come_back_as_a_diff(code_system: 
     # A path outside the project is refused before anything is queued.
     code, body = code_system.delegate(type="code", prompt="x", files=["../outside.py"])
     assert code == 400 and body["detail"]["path"] == "../outside.py", body
+
+
+def test_a_code_task_cannot_read_the_workers_koubou_home(code_system: System) -> None:
+    """The sandbox confines writes; koubou hides its home (credentials, database) from Codex's reads."""
+    secret = code_system.home / "config" / "flower-auth"  # written by `koubou up`: Flower's login
+    assert secret.is_file() and secret.read_text().strip()
+    home = code_system.home
+    command = f"cat {secret} {code_system.db_path} 2>&1 | tail -c 300; echo seen: $(ls -A {home}) $(ls {home}/run/codex | wc -l)"
+    code, body = code_system.delegate(type="code", prompt=f"Read it.\nRUN: {command}", sync=True, options={"timeout": 120})
+    assert code == 200 and body["status"] == "completed", body
+    output = body["result"]["output"]
+    # The fake answers with the command's last output line: in Codex's view the home holds only the
+    # way to this task's own run directory, and no other task's.
+    assert output.endswith("ran it: seen: run 1"), output
+    assert secret.read_text().strip() not in json.dumps(body)
