@@ -33,7 +33,8 @@ def _stat_fields(pid: int) -> list[str] | None:
     return stat.rsplit(")", 1)[1].split()
 
 
-def _start_time(pid: int) -> int | None:
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot); None when it is gone."""
     fields = _stat_fields(pid)
     return int(fields[19]) if fields else None  # field 22 of stat, counted after the name
 
@@ -79,7 +80,7 @@ class ProcessTree:
     def watch(self) -> None:
         """Remember the descendants alive now, so they can be killed even once orphaned."""
         for pid in descendants(self.process.pid):
-            started = _start_time(pid)
+            started = start_time(pid)
             if started is not None:
                 self._seen.add((pid, started))
 
@@ -106,7 +107,7 @@ class ProcessTree:
         frozen = {leader} if self.process.poll() is None else set()
         for _ in range(FREEZE_ROUNDS):
             self.watch()
-            new = {pid for pid, started in self._seen if pid not in frozen and _start_time(pid) == started}
+            new = {pid for pid, started in self._seen if pid not in frozen and start_time(pid) == started}
             if not new:
                 break
             for pid in new:

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.tools import TOOLS_DIR, ToolUnavailable
+from tests.tools import TOOLS_DIR, ToolUnavailable, npm_install
 
 PACKAGE = "@anthropic-ai/claude-code"
 # The npm package ships the native binary in a per-platform optional dependency
@@ -25,7 +25,6 @@ CLAUDE_DIR = TOOLS_DIR / "claude"
 _COMPLETE_MARKER = ".koubou-tool-complete"
 
 VERSION_TIMEOUT = 60
-INSTALL_TIMEOUT = 420
 
 #: Variables of the calling shell that would make the CLI reach out, update itself, or use a real account.
 _DROPPED_PREFIXES = ("CLAUDE", "ANTHROPIC_", "KOUBOU_", "MCP_")
@@ -72,28 +71,11 @@ def claude_code() -> list[str]:
             argv = _working()
             if argv:
                 return argv
-        npm = shutil.which("npm")
-        if npm is None:
-            raise ToolUnavailable(_explain("npm install", "npm is not on PATH"))
-        shutil.rmtree(CLAUDE_DIR, ignore_errors=True)
-        CLAUDE_DIR.mkdir(parents=True)
-        install = [
-            npm, "install", "--prefix", str(CLAUDE_DIR), "--no-audit", "--no-fund", "--loglevel=error",
-            "--include=optional", f"{PACKAGE}@{VERSION}",
-        ]  # fmt: skip
-        try:
-            done = subprocess.run(
-                install, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "npm_config_update_notifier": "false"},
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise ToolUnavailable(_explain(" ".join(install), str(error))) from None
-        if done.returncode != 0:
-            raise ToolUnavailable(_explain(" ".join(install), (done.stdout + done.stderr)[-3000:]))
+        install = npm_install(CLAUDE_DIR, f"{PACKAGE}@{VERSION}", _explain)
         argv = _working()
         if argv is None:
             tried = "; ".join(" ".join(a) + " --version" for a in _candidates())
-            raise ToolUnavailable(_explain(" ".join(install), f"installed, but none of these runs: {tried}"))
+            raise ToolUnavailable(_explain(install, f"installed, but none of these runs: {tried}"))
         marker.write_text(VERSION)
         return argv
 

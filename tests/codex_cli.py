@@ -15,12 +15,11 @@ import tempfile
 from pathlib import Path
 
 from koubou.backends.codex import CODEX_PACKAGE, CODEX_VERSION
-from tests.tools import TOOLS_DIR, ToolUnavailable
+from tests.tools import TOOLS_DIR, ToolUnavailable, npm_install
 
 CODEX_DIR = TOOLS_DIR / "codex"
 _COMPLETE_MARKER = ".koubou-tool-complete"
 VERSION_TIMEOUT = 60
-INSTALL_TIMEOUT = 420
 
 
 class NpmMissing(ToolUnavailable):
@@ -51,28 +50,12 @@ def codex_cli() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.is_file() and marker.read_text() == CODEX_VERSION and CODEX_VERSION in (_version(program) or ""):
             return program
-        npm = shutil.which("npm")
-        if npm is None:
+        if shutil.which("npm") is None:
             raise NpmMissing(f"npm is not on PATH, so {CODEX_PACKAGE}@{CODEX_VERSION} cannot be installed")
-        shutil.rmtree(CODEX_DIR, ignore_errors=True)
-        CODEX_DIR.mkdir(parents=True)
-        # The package ships its native binary in a per-platform optional dependency.
-        install = [
-            npm, "install", "--prefix", str(CODEX_DIR), "--no-audit", "--no-fund", "--loglevel=error",
-            "--include=optional", f"{CODEX_PACKAGE}@{CODEX_VERSION}",
-        ]  # fmt: skip
-        try:
-            done = subprocess.run(
-                install, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "npm_config_update_notifier": "false"},
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise ToolUnavailable(_explain(" ".join(install), str(error))) from None
-        if done.returncode != 0:
-            raise ToolUnavailable(_explain(" ".join(install), (done.stdout + done.stderr)[-3000:]))
+        install = npm_install(CODEX_DIR, f"{CODEX_PACKAGE}@{CODEX_VERSION}", _explain)
         version = _version(program)
         if version is None or CODEX_VERSION not in version:
-            raise ToolUnavailable(_explain(" ".join(install), f"installed, but `{program} --version` says {version!r}"))
+            raise ToolUnavailable(_explain(install, f"installed, but `{program} --version` says {version!r}"))
         marker.write_text(CODEX_VERSION)
         return program
 

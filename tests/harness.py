@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from koubou.process_tree import descendants
+
 REPO = Path(__file__).resolve().parent.parent
 
 #: Variables of the user's shell that would change what the system under test does.
@@ -55,28 +57,6 @@ def http(
         return status, json.loads(payload)
     except ValueError:
         return status, payload.decode(errors="replace")
-
-
-def descendants(pid: int) -> set[int]:
-    """PIDs of every process below `pid`, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
 
 
 def alive(pid: int) -> bool:

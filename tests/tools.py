@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,3 +93,32 @@ def _explain(tried: str, argv: list[str], output: str) -> str:
         "Fix: put a docker-compose on PATH (Debian: `apt-get install docker-compose`), "
         "or make PyPI reachable and rerun."
     )
+
+
+#: Seconds an npm install of one pinned CLI may take.
+NPM_INSTALL_TIMEOUT = 420
+
+
+def npm_install(prefix: Path, spec: str, explain: Callable[[str, str], str]) -> str:
+    """Install the npm package `spec` (name@version) afresh into `prefix`; return the command line run.
+
+    Raises ToolUnavailable, worded by `explain(command, output)`, when npm fails. The packages
+    koubou's tests use ship their native binary in a per-platform optional dependency.
+    """
+    npm = shutil.which("npm")
+    if npm is None:
+        raise ToolUnavailable(explain("npm install", "npm is not on PATH"))
+    shutil.rmtree(prefix, ignore_errors=True)
+    prefix.mkdir(parents=True)
+    install = [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error", "--include=optional", spec]
+    command = " ".join(install)
+    try:
+        done = subprocess.run(
+            install, capture_output=True, text=True, timeout=NPM_INSTALL_TIMEOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "npm_config_update_notifier": "false"},
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ToolUnavailable(explain(command, str(error))) from None
+    if done.returncode != 0:
+        raise ToolUnavailable(explain(command, (done.stdout + done.stderr)[-3000:]))
+    return command

@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -550,6 +550,14 @@ class _Handler(BaseHTTPRequestHandler):
                 message = f"The model `{model}` does not exist or you do not have access to it."
                 self._error(api, 404, message, "model", "model_not_found")
             return
+        if api == "ollama":
+            self._in_a_slot(api, lambda: self._ollama_answer(kind, body, model, fake.latency))
+        else:
+            self._in_a_slot(api, lambda: self._openai_answer(body, model, fake.latency))
+
+    def _in_a_slot(self, api: str, answer: Callable[[], None]) -> None:
+        """Answer while holding one of the fake's slots; 503 (in the API's own words) when none is free."""
+        fake = self.server.fake
         if not fake._acquire():
             if api == "ollama":
                 self._error(api, 503, OLLAMA_BUSY)
@@ -561,10 +569,7 @@ class _Handler(BaseHTTPRequestHandler):
             if fake._take_hang():
                 fake._stopping.wait()
                 raise _Aborted
-            if api == "ollama":
-                self._ollama_answer(kind, body, model, fake.latency)
-            else:
-                self._openai_answer(body, model, fake.latency)
+            answer()
         finally:
             self._free_slot()
 
@@ -715,17 +720,7 @@ class _Handler(BaseHTTPRequestHandler):
                      "type": "exceed_context_size_error", "n_prompt_tokens": prompt_tokens, "n_ctx": limit}  # fmt: skip
             self._json(400, {"error": error})
             return
-        if not fake._acquire():
-            self._error("openai", 503, f"server busy: all {fake.slots} slots are in use", None, "server_busy")
-            return
-        self._holding_slot = True
-        try:
-            if fake._take_hang():
-                fake._stopping.wait()
-                raise _Aborted
-            self._responses_answer(model, items, prompt_tokens, fake.latency)
-        finally:
-            self._free_slot()
+        self._in_a_slot("openai", lambda: self._responses_answer(model, items, prompt_tokens, fake.latency))
 
     def _responses_answer(self, model: str, items: list[Any], prompt_tokens: int, latency: float) -> None:
         fake = self.server.fake

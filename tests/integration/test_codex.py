@@ -43,7 +43,7 @@ from koubou.backends.openai import OpenAIBackend
 from koubou.delegation import Delegation, RetryPolicy
 from koubou.demo import DEMO_MODEL_NAME
 from koubou.jobs import DelegationFailed, DelegationJob, ShippedFile
-from koubou.process_tree import descendants
+from koubou.process_tree import children_map, descendants, start_time
 from koubou.routing import Router
 from koubou.services import port_open
 from tests.codex_cli import NpmMissing, codex_cli
@@ -277,7 +277,7 @@ def test_a_timeout_kills_codex_and_every_process_it_started(fake: FakeLLMServer,
     already = descendants(os.getpid())
 
     def started_here() -> set[int]:
-        roots = {pid for pid in descendants(os.getpid()) - already if _parent(pid) == os.getpid()}
+        roots = set(children_map().get(os.getpid(), ())) - already
         return roots.union(*(descendants(root) for root in roots))
 
     thread = threading.Thread(target=run)
@@ -342,22 +342,15 @@ def test_where_codexs_sandbox_cannot_work_the_task_fails_saying_why(codex_bin: P
 # -- helpers: processes, by PID -----------------------------------------------------------------
 
 
-def _start(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def watch_processes(
     find: Any, until: str, thread: threading.Thread | None = None, timeout: float = 120
-) -> dict[int, str]:
+) -> dict[int, int]:
     """Every process `find()` returns (PID -> start time) until one runs `until`; fails if none does."""
-    seen: dict[int, str] = {}
+    seen: dict[int, int] = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for pid in find():
-            started = _start(pid)
+            started = start_time(pid)
             if started is not None:
                 seen.setdefault(pid, started)
         if any(until in cmdline(pid) for pid in seen if alive(pid)):
@@ -368,18 +361,11 @@ def watch_processes(
     raise AssertionError(f"no process ran {until!r}; saw {[cmdline(p) for p in seen]}")
 
 
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def assert_all_gone(seen: dict[int, str], timeout: float = 15) -> None:
+def assert_all_gone(seen: dict[int, int], timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     left = seen
     while time.monotonic() < deadline:
-        left = {pid: started for pid, started in seen.items() if alive(pid) and _start(pid) == started}
+        left = {pid: started for pid, started in seen.items() if alive(pid) and start_time(pid) == started}
         if not left:
             return
         time.sleep(0.1)
