@@ -30,9 +30,15 @@ control_exchange = "koubou.control"
 # The mirror builds rows from these events; the result backend is the fallback it
 # reconciles against when events are lost (they are best effort).
 worker_send_task_events = True
-task_send_sent_event = True
-task_track_started = True
-result_extended = True
+# No task-sent event: the API writes the `pending` row itself, so the event told the mirror nothing,
+# cost every delegation a second broker round trip on its path, and made the mirror and Flower
+# each handle a quarter more events. Waiting tasks show as queue depths (/health, Flower's Broker page).
+task_send_sent_event = False
+# Not stored: a STARTED state (the task-started event already says it; storing it cost every task a
+# durable write, fsynced, on its path) and the extended meta (it copied the whole job, prompt and
+# files, into the result for a week); the outcome itself names the worker.
+task_track_started = False
+result_extended = False
 result_expires = 7 * 24 * 3600
 # A broker/result-backend restart while a task finishes must not turn its answer into a failure:
 # retry storing the result (about a minute in all) instead of raising.

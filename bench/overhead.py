@@ -9,7 +9,7 @@ Both run against the fake Ollama server at ~0 latency, with the same worker pool
 --autoscale=W,W). Starts its own system (`koubou up` on free ports) and bare worker, stops both by PID.
 With the throughput it prints the CPU each process spent per task; `--breakdown` adds the Redis
 commands each side sends per task and where a koubou sync round trip spends its time (from Celery's
-own events: sent, received, started, succeeded, and the backend call's timing in the result).
+own events: received, started, succeeded, and the backend call's timing in the result).
 Run: .venv/bin/python bench/overhead.py [--n 200] [--tasks 200] [--rounds 3] [--workers 4] [--breakdown]
 """
 
@@ -234,7 +234,7 @@ def stage_timeline(broker: str, api: Api, count: int = 60) -> dict[str, list[flo
         receiver_box[0].should_stop = True
     # Events are sent after what they report: task-succeeded after the result is stored, which is
     # when the API answers, so the last stage can be below zero.
-    names = ("API: request to message sent (task-sent)", "broker: to the worker (task-received)",
+    names = ("API, broker: request to the worker (task-received)",
              "worker: to the pool process (task-started)", "task: started to backend call",
              "backend call (streamed)", "task: call end to task-succeeded", "API: task-succeeded to answer")  # fmt: skip
     stages: dict[str, list[float]] = {name: [] for name in names}
@@ -243,7 +243,7 @@ def stage_timeline(broker: str, api: Api, count: int = 60) -> dict[str, list[flo
         call = next(a for a in body["result"]["attempts"] if a["ok"])
         call_end = datetime.fromisoformat(call["at"]).timestamp()
         call_start = call_end - call["duration_ms"] / 1000
-        marks = [sent, seen.get("task-sent"), seen.get("task-received"), seen.get("task-started"), call_start,
+        marks = [sent, seen.get("task-received"), seen.get("task-started"), call_start,
                  call_end, seen.get("task-succeeded"), answered]  # fmt: skip
         if None in marks:
             continue

@@ -28,7 +28,7 @@ from .jobs import DelegationFailed, DelegationJob, Outcome
 from .prompts import estimate_tokens, user_message
 from .results import CANCELLED
 from .routing import Router
-from .slots import SlotLeases
+from .slots import CancelFlagSet, SlotLeases
 
 #: Seconds between two looks at the cancel flag while tokens stream in.
 CANCEL_CHECK_INTERVAL = 0.25
@@ -79,6 +79,9 @@ class Delegation:
         leases: SlotLeases | None = None,
         interruptible: Callable[[], AbstractContextManager[None]] = nullcontext,
         codex: CodexRunner | None = None,
+        cancel_flag: str | None = None,
+        on_release: Callable[[Any], object] | None = None,
+        release_with_result: Callable[[Callable[[Any], object]], None] | None = None,
     ) -> None:
         self.job = job
         self.router = router
@@ -91,15 +94,24 @@ class Delegation:
         self.interruptible = interruptible
         #: Runs code tasks (the Codex CLI); required for a job of type code.
         self.codex = codex
+        #: The cancel flag's key: the slot lease script looks at it in the lease's own round trip.
+        self.cancel_flag = cancel_flag
+        #: Adds commands to the pipeline that gives a lease back (the live output's last flush).
+        self.on_release = on_release
+        #: Takes commands for a pipeline to send with the task's result (koubou.results.ride_with_result):
+        #: the successful call's lease goes back in that round trip instead of one of its own.
+        self.release_with_result = release_with_result
         self.attempts: list[Attempt] = []
         self.started = time.monotonic()
         self.deadline = self.started + job.timeout
+        #: When the cancel flag was last read; streamed pieces look again every CANCEL_CHECK_INTERVAL.
         self._last_cancel_check = 0.0
 
     def run(self) -> Outcome:
         """The outcome of a successful call; raises DelegationFailed otherwise."""
         try:
-            self._check_cancel(force=True)
+            if not self._lease_checks_cancel:
+                self._check_cancel(force=True)
             return self._run()
         except Cancelled:
             raise self._failure(CANCELLED, "cancelled by the client") from None
@@ -108,6 +120,10 @@ class Delegation:
             if self.is_cancelled():
                 raise self._failure(CANCELLED, "cancelled by the client") from None
             raise self._failure("BackendTimeout", f"timed out: the task passed its limit of {self.job.timeout:g}s") from None
+
+    @property
+    def _lease_checks_cancel(self) -> bool:
+        return self.leases is not None and self.cancel_flag is not None
 
     def _run(self) -> Outcome:
         retries: dict[str, int] = {}
@@ -135,13 +151,16 @@ class Delegation:
                     answer = self._call(backend, model)
             except BackendError as error:
                 failure: BackendError | None = error
+            except BaseException:  # a cancel or the time limit: give the slot back, then let it unwind
+                self._release(backend, lease)
+                raise
             else:
                 failure = None
-            finally:
-                self._release(backend, lease)  # before any backoff: others may use the slot meanwhile
             if failure is None:
                 self.attempts.append(Attempt(backend.name, True, duration_ms=_ms_since(began)))
+                self._release(backend, lease, with_result=True)
                 return self._success(backend, answer)
+            self._release(backend, lease)  # before any backoff: others may use the slot meanwhile
             self._record(backend, failure, began)
             if isinstance(failure, BackendUnavailable):
                 self.router.forget(backend)
@@ -167,12 +186,20 @@ class Delegation:
                 for backend, model in ordered:
                     slots = self.router.slots_of(backend)
                     if slots is None:
+                        self._check_cancel(force=True)
                         return backend, model, None
                     hold_for = max(1.0, self.deadline - time.monotonic())
-                    lease = self.leases.acquire(backend.name, slots, hold_for, holder=self.job.task_id)
+                    lease = self.leases.acquire(
+                        backend.name, slots, hold_for, holder=self.job.task_id, cancel_flag=self.cancel_flag
+                    )
                     if lease is not None:
+                        if self.cancel_flag is not None:
+                            self._last_cancel_check = time.monotonic()  # the lease script just looked
                         return backend, model, lease
+            except CancelFlagSet:
+                raise Cancelled() from None
             except redis.RedisError:
+                self._check_cancel(force=True)
                 return (*candidates[0], None)  # no lease book to keep: better late than lost
             if time.monotonic() + delay >= self.deadline:
                 names = ", ".join(backend.name for backend, _ in candidates)
@@ -181,8 +208,14 @@ class Delegation:
             self.sleep(delay)
             delay = min(delay * 1.5, 0.05)  # a freed slot should not sit idle for long
 
-    def _release(self, backend: Backend, lease: str | None) -> None:
+    def _release(self, backend: Backend, lease: str | None, with_result: bool = False) -> None:
+        """Give the lease back now, or (`with_result`, when the task can) in the same round trip that
+        stores the task's result."""
         if lease is None or self.leases is None:
+            return
+        if with_result and self.release_with_result is not None:
+            leases, name = self.leases, backend.name
+            self.release_with_result(lambda pipe: leases.queue_release(pipe, name, lease))
             return
         # A broker restart takes a second or two; a lease not given back would hold the slot
         # until it expires (the task's deadline plus a margin), so try for a few seconds.
@@ -190,7 +223,8 @@ class Delegation:
         # slot would stay taken.
         for attempt in range(RELEASE_ATTEMPTS):
             try:
-                self.leases.release(backend.name, lease)
+                # The live output's last flush rides along once (one round trip); it is best effort.
+                self.leases.release(backend.name, lease, also=self.on_release if attempt == 0 else None)
                 return
             except (redis.RedisError, SoftTimeLimitExceeded):
                 try:

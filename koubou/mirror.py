@@ -25,7 +25,7 @@ from .broker import held_task_ids, promote, queued_task_ids, requeue_unacked
 from .constants import MIRROR_ALIVE_KEY, MIRROR_ALIVE_TTL, TaskStatus, WorkerStatus
 from .db.models import SystemLogRow, TaskRow, WorkerRow
 from .db.session import utcnow
-from .results import BackendView, read_view
+from .results import BackendView, read_view, read_views
 from .slots import SlotLeases
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,7 @@ class Mirror:
         receiver = threading.Thread(target=self._receive_forever, name="mirror-receiver", daemon=True)
         receiver.start()
         next_reconcile = 0.0
+        self._guarded(self.recount)
         while not self.stopping.is_set():
             batch = self._drain()
             if batch:
@@ -200,7 +201,6 @@ class Mirror:
         for attempt in range(3):
             try:
                 with self.sessions.begin() as session:
-                    touched: set[str] = set()
                     # Rows are read in two queries and changed in memory, then written at once: SQLite
                     # has one writer, and the API's inserts wait while a batch holds the write lock.
                     with session.no_autoflush:
@@ -208,13 +208,9 @@ class Mirror:
                         for event in events:
                             kind = event.get("type", "")
                             if kind in TASK_EVENT_STATUS:
-                                worker = self._apply_task_event(session, event, views)
-                                if worker:
-                                    touched.add(worker)
+                                self._apply_task_event(session, event, views)
                             elif kind in WORKER_EVENTS:
                                 self._apply_worker_event(session, event)
-                    session.flush()
-                    self._recount(session, touched)
                 return
             except Exception:
                 if attempt == 2:
@@ -239,21 +235,16 @@ class Mirror:
 
     def _final_views(self, events: list[Event]) -> dict[str, BackendView]:
         """Full results of finished tasks: event payloads are truncated reprs."""
-        views: dict[str, BackendView] = {}
-        for event in events:
-            if event.get("type") in ("task-succeeded", "task-failed") and event.get("uuid"):
-                view = self._backend_view(event["uuid"])
-                if view is not None:
-                    views[event["uuid"]] = view
-        return views
+        finished = [e["uuid"] for e in events if e.get("type") in ("task-succeeded", "task-failed") and e.get("uuid")]
+        return read_views(self.celery, finished) if finished else {}
 
     def _backend_view(self, task_id: str) -> BackendView | None:
         return read_view(self.celery, task_id)
 
-    def _apply_task_event(self, session: Session, event: Event, views: dict[str, BackendView]) -> str | None:
+    def _apply_task_event(self, session: Session, event: Event, views: dict[str, BackendView]) -> None:
         task_id = event.get("uuid")
         if not task_id:
-            return None
+            return
         kind = event["type"]
         stamp = float(event.get("timestamp") or time.time())
         worker = event.get("hostname") if kind != "task-sent" else None
@@ -261,7 +252,7 @@ class Mirror:
         if row is None:
             row = self._adopt(session, task_id, event)
         if TaskStatus(row.status).is_final:
-            return None
+            return
         status = TASK_EVENT_STATUS[kind]
         result: dict[str, Any] | None = None
         if status is None:
@@ -273,19 +264,17 @@ class Mirror:
                 status = TaskStatus.FAILED
                 result = {"success": False, "output": None, "error": event.get("exception") or "failed"}
             else:
-                return None  # succeeded, but the result is unreadable now: reconcile will finish it
+                return  # succeeded, but the result is unreadable now: reconcile will finish it
         elif row.last_event_at is not None and stamp < row.last_event_at:
-            return None  # an older event arriving late
+            return  # an older event arriving late
         before = row.status
-        self._set_status(row, status, result, worker, _when(stamp))
+        self._set_status(session, row, status, result, worker, _when(stamp))
         row.last_event_at = max(stamp, row.last_event_at or 0.0)
         if worker:
             worker_row = self._ensure_worker(session, worker, stamp=stamp)
             self._follow_task(worker_row, before, status)
             if status == TaskStatus.COMPLETED and result and result.get("model"):
                 worker_row.model_name = result["model"]
-        # The worker whose counters to derive again: they count finished tasks only.
-        return worker if status.is_final else None
 
     def _adopt(self, session: Session, task_id: str, event: Event) -> TaskRow:
         """A task the API did not create (sent with the Celery API directly)."""
@@ -303,10 +292,17 @@ class Mirror:
         session.flush()
         return row
 
-    @staticmethod
     def _set_status(
-        row: TaskRow, status: TaskStatus, result: dict[str, Any] | None, worker: str | None, when: datetime
+        self,
+        session: Session,
+        row: TaskRow,
+        status: TaskStatus,
+        result: dict[str, Any] | None,
+        worker: str | None,
+        when: datetime,
     ) -> None:
+        """Move the row; a task finishing counts once on its worker's row (a final row never changes)."""
+        was_final = TaskStatus(row.status).is_final
         row.status = status.value
         row.updated_at = utcnow()
         if worker:
@@ -316,6 +312,12 @@ class Mirror:
         if status.is_final:
             row.completed_at = when
             row.result = result
+        if status.is_final and not was_final and row.assigned_worker_type:
+            counted = self._ensure_worker(session, row.assigned_worker_type, stamp=time.time())
+            if status == TaskStatus.COMPLETED:
+                counted.tasks_completed = (counted.tasks_completed or 0) + 1
+            elif status == TaskStatus.FAILED:
+                counted.tasks_failed = (counted.tasks_failed or 0) + 1
 
     def _ensure_worker(self, session: Session, worker_id: str, stamp: float) -> WorkerRow:
         row = session.get(WorkerRow, worker_id)
@@ -375,26 +377,22 @@ class Mirror:
         row.active_tasks = active
         row.status = (WorkerStatus.BUSY if active else WorkerStatus.IDLE).value
 
-    @staticmethod
-    def _recount(session: Session, workers: set[str]) -> None:
-        """Derive each touched worker's counters from task_master, so lost events cannot skew them."""
-        for worker_id in workers:
-            counts = dict(
-                session.execute(
-                    select(TaskRow.status, func.count())
-                    .where(TaskRow.assigned_worker_type == worker_id)
-                    .where(TaskRow.status.in_((TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)))
-                    .group_by(TaskRow.status)
-                ).all()
-            )
-            session.execute(
-                update(WorkerRow)
-                .where(WorkerRow.worker_id == worker_id)
-                .values(
-                    tasks_completed=counts.get(TaskStatus.COMPLETED.value, 0),
-                    tasks_failed=counts.get(TaskStatus.FAILED.value, 0),
-                )
-            )
+    def recount(self) -> None:
+        """Derive every worker's counters from task_master once (at start): from then on each task
+        finishing adds one, and a database written by an older koubou or by hand starts consistent."""
+        with self.sessions.begin() as session:
+            counts: dict[str, dict[str, int]] = {}
+            for worker_id, status, n in session.execute(
+                select(TaskRow.assigned_worker_type, TaskRow.status, func.count())
+                .where(TaskRow.assigned_worker_type.is_not(None))
+                .where(TaskRow.status.in_((TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)))
+                .group_by(TaskRow.assigned_worker_type, TaskRow.status)
+            ).all():
+                counts.setdefault(worker_id, {})[status] = n
+            for worker in session.scalars(select(WorkerRow)).all():
+                mine = counts.get(worker.worker_id, {})
+                worker.tasks_completed = mine.get(TaskStatus.COMPLETED.value, 0)
+                worker.tasks_failed = mine.get(TaskStatus.FAILED.value, 0)
 
     # -- reconciliation --------------------------------------------------------------------
 
@@ -408,8 +406,9 @@ class Mirror:
                 .limit(limit)
             ).all()
         changes: list[tuple[str, BackendView]] = []
+        views = read_views(self.celery, [task_id for task_id, _ in rows])
         for task_id, status in rows:
-            view = self._backend_view(task_id)
+            view = views.get(task_id)
             if view is None:
                 continue
             if view.status.is_final or (view.status == TaskStatus.IN_PROGRESS and status == TaskStatus.PENDING.value):
@@ -417,16 +416,11 @@ class Mirror:
         if not changes:
             return 0
         with self.sessions.begin() as session:
-            touched: set[str] = set()
             for task_id, view in changes:
                 row = session.get(TaskRow, task_id)
                 if row is None or TaskStatus(row.status).is_final:
                     continue
-                self._set_status(row, view.status, view.result, view.worker, view.completed_at or utcnow())
-                if view.worker:
-                    self._ensure_worker(session, view.worker, stamp=time.time())
-                    touched.add(view.worker)
-            self._recount(session, touched)
+                self._set_status(session, row, view.status, view.result, view.worker, view.completed_at or utcnow())
             session.add(
                 SystemLogRow(
                     timestamp=utcnow(),
@@ -481,7 +475,7 @@ class Mirror:
                 else:
                     result = {"success": False, "output": None, "error": f"worker lost: {worker} stopped while "
                               "running it and the broker no longer holds it", "error_type": "WorkerLost"}  # fmt: skip
-                    self._set_status(row, TaskStatus.FAILED, result, worker, utcnow())
+                    self._set_status(session, row, TaskStatus.FAILED, result, worker, utcnow())
                     message = f"worker {worker} was lost; task {task_id} failed"
                 row.updated_at = utcnow()
                 session.add(SystemLogRow(timestamp=utcnow(), level="WARNING", component="reaper",
@@ -531,7 +525,7 @@ class Mirror:
                 row = session.get(TaskRow, task_id)
                 if row is None or row.status != TaskStatus.PENDING.value:
                     continue
-                self._set_status(row, TaskStatus.FAILED, result, None, utcnow())
+                self._set_status(session, row, TaskStatus.FAILED, result, None, utcnow())
                 row.updated_at = utcnow()
                 session.add(SystemLogRow(timestamp=utcnow(), level="WARNING", component="mirror",
                                          message=f"task {task_id} was never queued; failed", task_id=task_id))  # fmt: skip

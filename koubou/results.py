@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from celery import states
 from celery.backends.redis import RedisBackend
+from redis.client import Pipeline
 
 from .constants import TaskStatus
 from .jobs import DelegationFailed
@@ -34,17 +35,70 @@ class BackendView:
     completed_at: datetime | None = None
 
 
+#: A command for a pipeline (e.g. giving a slot lease back), queued to go with a task's result.
+Rider = Callable[[Pipeline], object]
+#: This process's riders, by result key (a worker process runs one task at a time; a thread pool
+#: runs several, hence the lock).
+_riders: dict[str, list[Rider]] = {}
+_riders_lock = threading.Lock()
+
+
+def _key_text(key: str | bytes) -> str:
+    return key.decode() if isinstance(key, bytes) else key
+
+
+def ride_with_result(backend: Any, task_id: str, rider: Rider) -> None:
+    """Send `rider`'s commands in the same MULTI/EXEC that stores the task's result (ResultBackend)."""
+    with _riders_lock:
+        _riders.setdefault(_key_text(backend.get_key_for_task(task_id)), []).append(rider)
+
+
+def send_riders_now(backend: Any, task_id: str) -> None:
+    """Send, on their own, the riders no result store took (it failed, or the backend is another
+    one). Best effort: a lease left behind expires by itself."""
+    with _riders_lock:
+        riders = _riders.pop(_key_text(backend.get_key_for_task(task_id)), None)
+    if not riders:
+        return
+    try:
+        pipe = backend.client.pipeline(transaction=False)
+        for rider in riders:
+            rider(pipe)
+        pipe.execute()
+    except redis.RedisError:
+        log.warning("could not send what should have gone with the result of %s", task_id, exc_info=True)
+
+
 class ResultBackend(RedisBackend):
-    """Celery's Redis result backend without the subscription it makes for every task it sends.
+    """Celery's Redis result backend, without a subscription per task sent, and with riders.
 
     Celery subscribes to a task's result channel when the task is sent, for a later
     `AsyncResult.get()`. koubou never joins results that way (ResultWaiter wakes the API's waits), and
     the SUBSCRIBE and UNSUBSCRIBE were two broker round trips on every delegation's path.
     `AsyncResult.get()` still works: it subscribes itself, then reads the stored state.
+
+    The result goes out with the commands its task queued (`ride_with_result`): the slot lease given
+    back and the last live output. One round trip, and the slot is free the moment the answer is.
     """
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         pass
+
+    def _set(self, key: str | bytes, value: Any, expires: int | None = None) -> None:
+        # Celery's own _set, plus the riders; they are dropped only once stored (ensure() may retry).
+        if expires is None:
+            expires = self.expires
+        with _riders_lock:
+            riders = list(_riders.get(_key_text(key), ()))
+        with self.client.pipeline() as pipe:
+            pipe.set(key, value, ex=int(expires) if expires else None)
+            pipe.publish(key, value)
+            for rider in riders:
+                rider(pipe)
+            pipe.execute()
+        if riders:
+            with _riders_lock:
+                _riders.pop(_key_text(key), None)
 
 
 def read_view(app: Any, task_id: str) -> BackendView | None:
@@ -54,6 +108,33 @@ def read_view(app: Any, task_id: str) -> BackendView | None:
     except Exception:  # the result backend being away must not break a status read or the mirror
         log.warning("cannot read the result of %s from the result backend", task_id, exc_info=True)
         return None
+
+
+#: Tasks read per MGET: a backlog's reconcile reads up to a thousand rows' results.
+MGET_CHUNK = 200
+
+
+def read_views(app: Any, task_ids: Iterable[str]) -> dict[str, BackendView]:
+    """Several tasks' states, one MGET per chunk instead of a GET each (every reply from a broker
+    that fsyncs waits its turn); tasks the backend knows nothing of are left out, and an unreachable
+    backend gives an empty answer."""
+    ids = list(dict.fromkeys(task_ids))
+    backend = app.backend
+    if not isinstance(backend, RedisBackend):
+        return {task_id: view for task_id in ids if (view := read_view(app, task_id)) is not None}
+    views: dict[str, BackendView] = {}
+    try:
+        for start in range(0, len(ids), MGET_CHUNK):
+            chunk = ids[start : start + MGET_CHUNK]
+            values = backend.mget([backend.get_key_for_task(task_id) for task_id in chunk])
+            for task_id, value in zip(chunk, values):
+                view = view_from_meta(backend.decode_result(value)) if value else None
+                if view is not None:
+                    views[task_id] = view
+    except Exception:  # as read_view: the result backend being away must not break the mirror
+        log.warning("cannot read %d results from the result backend", len(ids), exc_info=True)
+        return {}
+    return views
 
 
 def failure_result(error: BaseException | Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable
 
 import redis
+from redis.client import Pipeline
 
 LEASE_MARGIN = 30.0  # seconds a lease outlives its task's deadline
 HOLDER_SEP = "|"
@@ -23,9 +24,13 @@ def slots_key(backend: str) -> str:
 
 
 #: Take a lease if fewer than `slots` live ones exist, in one atomic step (one round trip: every reply
-#: from the broker waits for its fsync). KEYS[1]: the backend's lease set. ARGV: now, slots, lease,
-#: the lease's expiry, the set's TTL in seconds. Returns 1 when taken.
+#: from the broker waits for its fsync). KEYS[1]: the backend's lease set; KEYS[2], when given, the
+#: task's cancel flag, looked at in the same trip. ARGV: now, slots, lease, the lease's expiry, the
+#: set's TTL in seconds. Returns 1 when taken, 0 when every slot is busy, -1 when the task is cancelled.
 _ACQUIRE = """
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then
+  return -1
+end
 if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[1], '+inf') >= tonumber(ARGV[2]) then
   return 0
 end
@@ -39,6 +44,10 @@ return 1
 """
 
 
+class CancelFlagSet(Exception):
+    """The task's cancel flag was set when it asked for a lease (no lease was taken)."""
+
+
 class SlotLeases:
     """Acquire, release and count backend slot leases."""
 
@@ -47,20 +56,37 @@ class SlotLeases:
         self.clock = clock
         self._acquire = client.register_script(_ACQUIRE)
 
-    def acquire(self, backend: str, slots: int, hold_for: float, holder: str = "") -> str | None:
+    def acquire(
+        self, backend: str, slots: int, hold_for: float, holder: str = "", cancel_flag: str | None = None
+    ) -> str | None:
         """A lease id when one of the backend's `slots` is free, else None. Atomic across workers.
 
         The lease id starts with `holder` (the task id), so release_held_by() can free the slots
-        of tasks whose worker died without waiting for the leases to expire.
+        of tasks whose worker died without waiting for the leases to expire. With `cancel_flag`
+        (a key), raises CancelFlagSet instead of taking a lease when that key exists.
         """
         lease = f"{holder}{HOLDER_SEP}{uuid.uuid4().hex}"
         now = self.clock()
         ttl = int(hold_for + LEASE_MARGIN) + 60  # the set outlives its longest lease
+        keys = [slots_key(backend)] + ([cancel_flag] if cancel_flag else [])
         args = [repr(now), slots, lease, repr(now + hold_for + LEASE_MARGIN), ttl]
-        return lease if self._acquire(keys=[slots_key(backend)], args=args) else None
+        taken = int(self._acquire(keys=keys, args=args))
+        if taken < 0:
+            raise CancelFlagSet(cancel_flag)
+        return lease if taken else None
 
-    def release(self, backend: str, lease: str) -> None:
-        self.client.zrem(slots_key(backend), lease)
+    def release(self, backend: str, lease: str, also: Callable[[Pipeline], object] | None = None) -> None:
+        """Give the lease back; `also` adds commands to the same round trip (the live output's last flush)."""
+        pipe = self.client.pipeline(transaction=False)
+        self.queue_release(pipe, backend, lease)
+        if also is not None:
+            also(pipe)
+        pipe.execute()
+
+    @staticmethod
+    def queue_release(pipe: Pipeline, backend: str, lease: str) -> None:
+        """Add the lease's release to `pipe` (sent with other commands)."""
+        pipe.zrem(slots_key(backend), lease)
 
     def release_held_by(self, holders: Iterable[str]) -> int:
         """Free every lease, on every backend, held by these holders; return how many."""

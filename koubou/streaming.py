@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 #: A worker flushes its buffer at least this often, and when it holds this many characters.
 FLUSH_INTERVAL = 0.1
@@ -56,21 +57,27 @@ class TokenPublisher:
     def flush(self) -> None:
         if not self._parts or self.failed:
             return
-        now = self.clock()
-        text, pieces = "".join(self._parts), self._pieces
-        self._parts, self._pieces, self._size, self._last_flush = [], 0, 0, now
         try:
             pipe = self.client.pipeline(transaction=False)
-            pipe.xadd(stream_key(self.task_id), {"text": text, "n": pieces}, maxlen=STREAM_MAXLEN, approximate=True)
-            pipe.hincrby(progress_key(self.task_id), "tokens", pieces)
-            pipe.hsetnx(progress_key(self.task_id), "first_at", now)
-            pipe.hset(progress_key(self.task_id), "last_at", now)
-            pipe.expire(stream_key(self.task_id), KEY_TTL)
-            pipe.expire(progress_key(self.task_id), KEY_TTL)
+            self.flush_into(pipe)
             pipe.execute()
         except redis.RedisError:
             # Live output is a convenience: losing it must never fail the delegation.
             self.failed = True
+
+    def flush_into(self, pipe: Pipeline) -> None:
+        """Queue the buffered text on `pipe` (sent with another command: one round trip for both)."""
+        if not self._parts or self.failed:
+            return
+        now = self.clock()
+        text, pieces = "".join(self._parts), self._pieces
+        self._parts, self._pieces, self._size, self._last_flush = [], 0, 0, now
+        pipe.xadd(stream_key(self.task_id), {"text": text, "n": pieces}, maxlen=STREAM_MAXLEN, approximate=True)
+        pipe.hincrby(progress_key(self.task_id), "tokens", pieces)
+        pipe.hsetnx(progress_key(self.task_id), "first_at", now)
+        pipe.hset(progress_key(self.task_id), "last_at", now)
+        pipe.expire(stream_key(self.task_id), KEY_TTL)
+        pipe.expire(progress_key(self.task_id), KEY_TTL)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
+from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 from .backends.codex import CodexRunner, CodexSetup
@@ -16,6 +17,7 @@ from .config import get_settings
 from .constants import DELEGATE_TASK, cancel_key
 from .delegation import Delegation, RetryPolicy
 from .jobs import DelegationJob
+from .results import ride_with_result, send_riders_now
 from .routing import Router, build_router
 from .slots import SlotLeases
 from .streaming import TokenPublisher
@@ -89,8 +91,20 @@ def delegate(self, job: dict) -> dict:  # type: ignore[no-untyped-def]
         leases=SlotLeases(app.backend.client),
         interruptible=_interruptible,
         codex=get_codex_runner(),
+        cancel_flag=cancel_key(parsed.task_id),
+        on_release=publish.flush_into,
+        release_with_result=lambda rider: ride_with_result(app.backend, parsed.task_id, rider),
     )
     try:
         return delegation.run().model_dump()
     finally:
-        publish.flush()  # before the result is stored, so `done` never overtakes the last delta
+        # The last live output goes in the round trip that stores the result, so `done` never
+        # overtakes the last delta.
+        ride_with_result(app.backend, parsed.task_id, publish.flush_into)
+
+
+@signals.task_postrun.connect
+def _send_leftover_riders(task_id: str | None = None, **_: object) -> None:
+    """What the result store did not carry (it failed) still goes out: the slot is given back."""
+    if task_id:
+        send_riders_now(app.backend, task_id)

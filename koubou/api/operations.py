@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from flask import g
-from sqlalchemy import update
+from sqlalchemy import insert, update
 
 from ..constants import (
     DELEGATE_TASK,
@@ -84,21 +84,26 @@ def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
         files=files,
     )
     now = utcnow()
-    # The row exists before the message does, so the mirror never sees an unknown task.
+    # The row exists before the message does, so the mirror never sees an unknown task. Plain
+    # INSERTs (not the ORM's unit of work): this is on every delegation's path.
     with ctx.sessions.begin() as session:
-        session.add(
-            TaskRow(
-                task_id=task_id,
-                task_type=body.type.value,
-                status=TaskStatus.PENDING.value,
-                priority=body.priority,
-                content=_row_content(job),
-                agent_id=g.get("agent_id"),
-                created_at=now,
-                updated_at=now,
-            )
+        session.execute(
+            insert(TaskRow.__table__),
+            {
+                "task_id": task_id,
+                "task_type": body.type.value,
+                "status": TaskStatus.PENDING.value,
+                "priority": body.priority,
+                "content": _row_content(job),
+                "agent_id": g.get("agent_id"),
+                "created_at": now,
+                "updated_at": now,
+            },
         )
-        session.add(_communication(task_id, "delegate", {"type": body.type.value, "model": job.model}))
+        session.execute(
+            insert(AgentCommunicationRow.__table__),
+            _communication(task_id, "delegate", {"type": body.type.value, "model": job.model}),
+        )
     try:
         ctx.celery.send_task(
             DELEGATE_TASK,
@@ -168,16 +173,16 @@ def _row_content(job: DelegationJob) -> dict[str, Any]:
     return content
 
 
-def _communication(task_id: str, kind: str, details: dict[str, Any]) -> AgentCommunicationRow:
+def _communication(task_id: str, kind: str, details: dict[str, Any]) -> dict[str, Any]:
     """Who asked koubou what, and when; the prompt itself stays in task_master.content (stored once)."""
-    return AgentCommunicationRow(
-        task_id=task_id,
-        sender=g.get("agent_id") or "anonymous",
-        receiver="koubou",
-        message_type=kind,
-        content={**details, "prompt_ref": f"task_master.content#{task_id}"},
-        created_at=utcnow(),
-    )
+    return {
+        "task_id": task_id,
+        "sender": g.get("agent_id") or "anonymous",
+        "receiver": "koubou",
+        "message_type": kind,
+        "content": {**details, "prompt_ref": f"task_master.content#{task_id}"},
+        "created_at": utcnow(),
+    }
 
 
 def _abbreviate(text: str, limit: int = 80) -> str:
@@ -212,7 +217,7 @@ def cancel_task(ctx: ApiContext, task_id: str) -> TaskStatus:
     # queued message and SIGUSR1 interrupts a blocking backend call, which then reads the flag.
     ctx.celery.backend.client.set(cancel_key(task_id), "1", ex=ctx.settings.max_task_time * 2 + 60)
     with ctx.sessions.begin() as session:
-        session.add(_communication(task_id, "cancel", {"status_then": status.value}))
+        session.execute(insert(AgentCommunicationRow.__table__), _communication(task_id, "cancel", {"status_then": status.value}))
     ctx.celery.control.revoke(task_id, terminate=True, signal="SIGUSR1")
     if status == TaskStatus.PENDING:
         with ctx.sessions.begin() as session:

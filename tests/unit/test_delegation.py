@@ -14,6 +14,7 @@ from koubou.delegation import Delegation, RetryPolicy
 from koubou.jobs import DelegationFailed, DelegationJob
 from koubou.routing import Router
 from koubou.slots import SlotLeases
+from koubou.streaming import TokenPublisher, stream_key
 from tests.fakes.llm_server import FakeLLMServer, fake_answer
 from tests.harness import free_port
 
@@ -116,6 +117,54 @@ def test_a_task_cancelled_before_it_starts_never_calls_a_backend(first: FakeLLMS
     assert outcome["error_type"] == "Cancelled" and chats(first) == 0
 
 
+def test_the_lease_script_sees_a_cancel_flag_and_takes_no_slot(first: FakeLLMServer) -> None:
+    client = fakeredis.FakeRedis()
+    leases, backend = SlotLeases(client), OllamaBackend(first.url)
+    client.set("cancel:t", 1)
+    asked: list[bool] = []
+    run = Delegation(job(), Router([backend], {backend.name: 1}), FAST, leases=leases, cancel_flag="cancel:t",
+                     is_cancelled=lambda: asked.append(True) or False)  # fmt: skip
+    assert failure(run)["error_type"] == "Cancelled"
+    assert chats(first) == 0 and leases.in_use(backend.name) == 0
+    assert not asked  # the flag was read by the lease script, not by a separate look
+
+
+def test_the_last_live_output_goes_with_the_lease_release_in_one_pipeline(first: FakeLLMServer) -> None:
+    client = fakeredis.FakeRedis()
+    publisher = TokenPublisher(client, "t", clock=lambda: 0.0)  # never flushes on time: all left for the end
+    leases, backend = SlotLeases(client), OllamaBackend(first.url)
+    sent: list[list[str]] = []
+
+    def on_release(pipe) -> None:  # type: ignore[no-untyped-def]
+        publisher.flush_into(pipe)
+        sent.append([command[0][0] for command in pipe.command_stack])
+
+    asked: list[bool] = []
+    outcome = Delegation(job(prompt="a b c"), Router([backend], {backend.name: 1}), FAST, leases=leases,
+                         on_text=publisher, on_release=on_release, cancel_flag="cancel:t",
+                         is_cancelled=lambda: asked.append(True) or False).run()  # fmt: skip
+    assert outcome.success and leases.in_use(backend.name) == 0
+    assert not asked  # a short call needs no look at the flag beyond the lease script's
+    assert sent and sent[0][:2] == ["ZREM", "XADD"]
+    streamed = "".join(fields[b"text"].decode() for _, fields in client.xrange(stream_key("t")))
+    assert streamed == outcome.output
+
+
+def test_a_successful_calls_lease_goes_back_with_the_result_and_a_failed_ones_at_once(first: FakeLLMServer) -> None:
+    client = fakeredis.FakeRedis()
+    leases, backend = SlotLeases(client), OllamaBackend(first.url)
+    riders: list = []
+    first.fail_next(503)  # the first attempt fails: its lease must be free before the retry
+    outcome = Delegation(job(), Router([backend], {backend.name: 1}), FAST, leases=leases,
+                         release_with_result=riders.append).run()  # fmt: skip
+    assert outcome.success and len(outcome.attempts or []) == 2  # with one slot, the retry got the lease again
+    assert leases.in_use(backend.name) == 1 and len(riders) == 1  # held until the result is stored
+    pipe = client.pipeline()
+    riders[0](pipe)
+    pipe.execute()
+    assert leases.in_use(backend.name) == 0
+
+
 def test_it_waits_for_a_free_slot_held_elsewhere(first: FakeLLMServer) -> None:
     leases = SlotLeases(fakeredis.FakeRedis())
     backend = OllamaBackend(first.url)
@@ -148,11 +197,11 @@ def test_a_lease_is_given_back_even_through_a_broker_hiccup(first: FakeLLMServer
     class Hiccup(SlotLeases):
         failures = 2
 
-        def release(self, backend: str, lease: str) -> None:
+        def release(self, backend: str, lease: str, also: object = None) -> None:
             if self.failures:
                 self.failures -= 1
                 raise redis.ConnectionError("broker restarting")
-            super().release(backend, lease)
+            super().release(backend, lease, also)  # type: ignore[arg-type]
 
     leases = Hiccup(fakeredis.FakeRedis())
     backend = OllamaBackend(first.url)

@@ -183,6 +183,40 @@ def test_silent_workers_go_offline(mirror: Mirror, sessions) -> None:
         assert session.get(WorkerRow, WORKER).status == "offline"  # type: ignore[union-attr]
 
 
+def counters(sessions: sessionmaker[Session], worker: str = WORKER) -> tuple[int, int]:
+    with sessions() as session:
+        found = session.get(WorkerRow, worker)
+        assert found is not None
+        return found.tasks_completed, found.tasks_failed
+
+
+def test_every_way_a_task_finishes_counts_once_on_its_worker(sessions, store) -> None:
+    mirror = reaper(sessions, store, requeued=set(), queued=set(), alive=set())
+    for task_id in ("by-event", "by-reconcile", "by-reaper"):
+        add_pending(sessions, task_id)
+    t0 = time.time() - 60
+    mirror.apply([event("worker-heartbeat", ts=t0, pid=1)] + [event("task-started", t, t0 + 1) for t in ("by-event", "by-reconcile", "by-reaper")])
+    succeeded(store, "by-event", "one")
+    mirror.apply([event("task-succeeded", "by-event", t0 + 2)])
+    assert counters(sessions) == (1, 0)
+    succeeded(store, "by-reconcile", "two")  # its task-succeeded event was lost
+    assert mirror.reconcile() == 1 and counters(sessions) == (2, 0)
+    mirror.apply([event("task-succeeded", "by-reconcile", t0 + 3)])  # arrives late: counted already
+    mirror.mark_offline()
+    assert mirror.reap() == 1 and row(sessions, "by-reaper").status == "failed"
+    assert counters(sessions) == (2, 1)
+
+
+def test_recount_derives_counters_from_the_rows(mirror: Mirror, sessions, store) -> None:
+    add_pending(sessions, "x")
+    mirror.apply([event("worker-online", pid=1)])
+    with sessions.begin() as session:  # rows written before this mirror's time (an older koubou, by hand)
+        session.get(TaskRow, "x").status, session.get(TaskRow, "x").assigned_worker_type = "completed", WORKER  # type: ignore[union-attr]
+        session.get(WorkerRow, WORKER).tasks_failed = 7  # type: ignore[union-attr]
+    mirror.recount()
+    assert counters(sessions) == (1, 0)
+
+
 def test_reconcile_finishes_rows_whose_events_were_lost(mirror: Mirror, sessions, store) -> None:
     for task_id in ("r1", "r2", "r3"):
         add_pending(sessions, task_id)

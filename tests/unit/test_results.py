@@ -10,7 +10,7 @@ import fakeredis
 
 from koubou.constants import TaskStatus
 from koubou.celery import app as koubou_app
-from koubou.results import ResultBackend, ResultWaiter, wait_until_final
+from koubou.results import ResultBackend, ResultWaiter, ride_with_result, send_riders_now, wait_until_final
 
 PREFIX = "celery-task-meta-"
 
@@ -101,3 +101,48 @@ def test_koubou_sends_tasks_without_subscribing_to_their_results() -> None:
     assert backend.as_uri().startswith(("redis://", "rediss://"))
     backend.on_task_call(None, "t4")
     assert not backend.result_consumer.subscribed_to  # nothing subscribed, no round trip made
+
+
+def result_backend(client: fakeredis.FakeRedis) -> ResultBackend:
+    backend = ResultBackend(app=koubou_app, url="redis://127.0.0.1:1/0")
+    backend.__dict__["client"] = client  # Celery's client is a cached property: this one is fakeredis
+    return backend
+
+
+def test_riders_go_in_the_round_trip_that_stores_the_result() -> None:
+    client = fakeredis.FakeRedis()
+    backend = result_backend(client)
+    client.zadd("koubou:slots:b", {"lease": 1e12})
+    ride_with_result(backend, "t1", lambda pipe: pipe.zrem("koubou:slots:b", "lease"))
+    executed: list[list[str]] = []
+    execute = fakeredis.FakeRedis.pipeline
+
+    def recording_pipeline(self, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        pipe = execute(self, *args, **kwargs)
+        real = pipe.execute
+
+        def run(*a: Any, **k: Any) -> Any:
+            executed.append([command[0][0] for command in pipe.command_stack])
+            return real(*a, **k)
+
+        pipe.execute = run
+        return pipe
+
+    fakeredis.FakeRedis.pipeline = recording_pipeline  # type: ignore[method-assign]
+    try:
+        backend.store_result("t1", {"success": True}, "SUCCESS")
+    finally:
+        fakeredis.FakeRedis.pipeline = execute  # type: ignore[method-assign]
+    assert executed == [["SET", "PUBLISH", "ZREM"]]
+    assert client.zcard("koubou:slots:b") == 0
+    send_riders_now(backend, "t1")  # nothing left over: sends nothing, raises nothing
+    assert backend.get_task_meta("t1")["status"] == "SUCCESS"
+
+
+def test_riders_a_failed_store_did_not_carry_are_sent_on_their_own() -> None:
+    client = fakeredis.FakeRedis()
+    backend = result_backend(client)
+    client.zadd("koubou:slots:b", {"lease": 1e12})
+    ride_with_result(backend, "t2", lambda pipe: pipe.zrem("koubou:slots:b", "lease"))
+    send_riders_now(backend, "t2")  # what the task_postrun hook does when no store took them
+    assert client.zcard("koubou:slots:b") == 0
