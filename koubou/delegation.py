@@ -32,6 +32,8 @@ from .slots import CancelFlagSet, SlotLeases
 
 #: Seconds between two looks at the cancel flag while tokens stream in.
 CANCEL_CHECK_INTERVAL = 0.25
+#: Below this many seconds left, waiting for a slot is given up.
+SLOT_WAIT_MIN = 0.01
 #: Tries to give a slot lease back (about 8 s in all) before leaving it to expire.
 RELEASE_ATTEMPTS = 12
 
@@ -178,7 +180,6 @@ class Delegation:
         """Wait for a free slot on one of the candidates, least busy first; the lease id with it."""
         if self.leases is None:
             return (*candidates[0], None)
-        delay = 0.02
         while True:
             try:
                 # Least busy first; one candidate needs no count (a Redis round trip per task saved).
@@ -201,12 +202,17 @@ class Delegation:
             except redis.RedisError:
                 self._check_cancel(force=True)
                 return (*candidates[0], None)  # no lease book to keep: better late than lost
-            if time.monotonic() + delay >= self.deadline:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= SLOT_WAIT_MIN:
                 names = ", ".join(backend.name for backend, _ in candidates)
                 raise BackendTimeout(f"timed out waiting for a free slot on {names}")
             self._check_cancel(force=True)
-            self.sleep(delay)
-            delay = min(delay * 1.5, 0.05)  # a freed slot should not sit idle for long
+            # Woken the moment a lease on one of them is given back; the bound covers leases that
+            # expire instead (a dead worker's) and keeps looking at the cancel flag.
+            try:
+                self.leases.wait_for_release([b.name for b, _ in candidates], min(remaining, CANCEL_CHECK_INTERVAL))
+            except redis.RedisError:
+                self.sleep(0.05)
 
     def _release(self, backend: Backend, lease: str | None, with_result: bool = False) -> None:
         """Give the lease back now, or (`with_result`, when the task can) in the same round trip that

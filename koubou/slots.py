@@ -19,8 +19,19 @@ LEASE_MARGIN = 30.0  # seconds a lease outlives its task's deadline
 HOLDER_SEP = "|"
 
 
+#: Wake-up tokens kept per backend: a release adds one and a waiting worker takes one (BLPOP), so a
+#: freed slot is taken at once instead of at a waiter's next poll. Tokens nobody took are few and
+#: harmless: a waiter that takes one just asks for a lease again.
+WAKE_TOKENS = 8
+WAKE_TTL = 60
+
+
 def slots_key(backend: str) -> str:
     return f"koubou:slots:{backend}"
+
+
+def released_key(backend: str) -> str:
+    return f"koubou:slots-released:{backend}"
 
 
 #: Take a lease if fewer than `slots` live ones exist, in one atomic step (one round trip: every reply
@@ -85,8 +96,15 @@ class SlotLeases:
 
     @staticmethod
     def queue_release(pipe: Pipeline, backend: str, lease: str) -> None:
-        """Add the lease's release to `pipe` (sent with other commands)."""
+        """Add the lease's release, and a wake-up for a worker waiting on the backend, to `pipe`."""
         pipe.zrem(slots_key(backend), lease)
+        pipe.lpush(released_key(backend), 1)
+        pipe.ltrim(released_key(backend), 0, WAKE_TOKENS - 1)
+        pipe.expire(released_key(backend), WAKE_TTL)
+
+    def wait_for_release(self, backends: list[str], timeout: float) -> None:
+        """Block until a lease on one of `backends` is given back, or `timeout` seconds pass."""
+        self.client.blpop([released_key(b) for b in backends], timeout=max(timeout, 0.01))
 
     def release_held_by(self, holders: Iterable[str]) -> int:
         """Free every lease, on every backend, held by these holders; return how many."""
@@ -98,6 +116,9 @@ class SlotLeases:
             stale = [m for m in self.client.zrange(key, 0, -1) if m.decode().startswith(prefixes)]
             if stale:
                 freed += int(self.client.zrem(key, *stale))
+                backend = key.decode().removeprefix(slots_key(""))
+                self.client.lpush(released_key(backend), *([1] * min(len(stale), WAKE_TOKENS)))
+                self.client.expire(released_key(backend), WAKE_TTL)
         return freed
 
     def in_use(self, backend: str) -> int:

@@ -145,7 +145,7 @@ def test_the_last_live_output_goes_with_the_lease_release_in_one_pipeline(first:
                          is_cancelled=lambda: asked.append(True) or False).run()  # fmt: skip
     assert outcome.success and leases.in_use(backend.name) == 0
     assert not asked  # a short call needs no look at the flag beyond the lease script's
-    assert sent and sent[0][:2] == ["ZREM", "XADD"]
+    assert sent and sent[0][0] == "ZREM" and "XADD" in sent[0]
     streamed = "".join(fields[b"text"].decode() for _, fields in client.xrange(stream_key("t")))
     assert streamed == outcome.output
 

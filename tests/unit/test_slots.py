@@ -1,3 +1,5 @@
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import fakeredis
@@ -55,3 +57,23 @@ def test_a_short_task_never_shortens_the_lease_set_of_a_long_one() -> None:
     ttl_long = client.ttl("koubou:slots:b")
     assert leases.acquire("b", 2, hold_for=10)
     assert client.ttl("koubou:slots:b") >= ttl_long - 1  # the 600 s lease keeps its set alive
+
+
+def test_a_worker_waiting_for_a_slot_wakes_when_a_lease_is_given_back() -> None:
+    server = fakeredis.FakeServer()
+    holder, waiter = SlotLeases(fakeredis.FakeRedis(server=server)), SlotLeases(fakeredis.FakeRedis(server=server))
+    held = holder.acquire("b", 1, 60)
+    assert held and waiter.acquire("b", 1, 60) is None
+    threading.Timer(0.3, holder.release, args=("b", held)).start()
+    began = time.monotonic()
+    waiter.wait_for_release(["a", "b"], timeout=10)
+    assert 0.25 <= time.monotonic() - began < 2  # woken by the release, not by the timeout
+    assert waiter.acquire("b", 1, 60) is not None
+
+
+def test_wake_up_tokens_nobody_took_stay_few() -> None:
+    client = fakeredis.FakeRedis()
+    leases = SlotLeases(client)
+    for _ in range(50):
+        leases.release("b", leases.acquire("b", 1, 60) or "")
+    assert client.llen("koubou:slots-released:b") == 8 and client.ttl("koubou:slots-released:b") > 0
