@@ -65,5 +65,8 @@ broker_transport_options = {
 # can use, keeps the prefetch at the pool size, and stops only idle processes (see koubou.autoscale).
 worker_autoscaler = "koubou.autoscale:SlotAwareAutoscaler"
 
+# Task events leave in batches every 0.1 s (koubou.worker_events), not one message per event.
+worker_consumer = "koubou.worker_events:BatchingConsumer"
+
 worker_hijack_root_logger = False
 worker_redirect_stdouts = False

@@ -17,7 +17,14 @@ _ID_ALPHABET = string.ascii_letters + string.digits
 def new_task_id(now: datetime | None = None) -> str:
     """The seed's readable id, `task_YYYYMMDD_HHMMSS_<12 random [A-Za-z0-9]>` (~71 bits: unique)."""
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%d_%H%M%S")
-    return f"task_{stamp}_{''.join(secrets.choice(_ID_ALPHABET) for _ in range(12))}"
+    # One read of 128 random bits, written in base 62 (the bias of the modulo is below 2^-56):
+    # secrets.choice per character read the OS's random source a dozen times per delegation.
+    number = int.from_bytes(secrets.token_bytes(16), "big")
+    digits = []
+    for _ in range(12):
+        number, digit = divmod(number, 62)
+        digits.append(_ID_ALPHABET[digit])
+    return f"task_{stamp}_{''.join(digits)}"
 
 
 class ShippedFile(BaseModel):

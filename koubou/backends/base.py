@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
+
+_Made = TypeVar("_Made")
 
 
 class BackendError(Exception):
@@ -141,3 +145,24 @@ class Backend(Protocol):
     def chat(self, request: ChatRequest, on_delta: DeltaCallback | None = None) -> ChatResult:
         """Run one chat completion; stream through `on_delta` when given."""
         ...
+
+
+class PerProcess(Generic[_Made]):
+    """A value made once per process: an HTTP client whose pooled connections (kept alive between
+    calls, so a remote server costs one TLS handshake, not one per call) must never be shared by a
+    forked child with its parent."""
+
+    def __init__(self, make: Callable[[], _Made]) -> None:
+        self._make = make
+        self._made: dict[int, _Made] = {}
+
+    def get(self) -> _Made:
+        pid = os.getpid()
+        made = self._made.get(pid)
+        if made is None:
+            made = self._made.setdefault(pid, self._make())
+            close = getattr(made, "close", None)
+            if callable(close):
+                # Its sockets are closed when its owner goes (or at exit), not left to the collector.
+                weakref.finalize(self, close)
+        return made

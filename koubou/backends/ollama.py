@@ -24,6 +24,7 @@ from koubou.backends.base import (
     ChatRequest,
     ChatResult,
     DeltaCallback,
+    PerProcess,
     PromptTruncated,
     error_for_status,
     prompt_too_long,
@@ -35,9 +36,13 @@ _STATS = ("done_reason", "total_duration", "load_duration", "prompt_eval_duratio
 T = TypeVar("T")
 
 
+def _limits(timeout: float) -> httpx.Timeout:
+    return httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
+
+
 @cache
 def _ssl_context() -> ssl.SSLContext:
-    # httpx builds a new context per client (~20 ms); we make a client per call.
+    # httpx builds a new context per client (~20 ms): one for every client of the process.
     return httpx.create_ssl_context()
 
 
@@ -60,14 +65,15 @@ class OllamaBackend:
         # Ollama accepts a bare "host:port"; urlsplit needs a scheme to find the host.
         netloc = urlsplit(self.url if "://" in self.url else f"http://{self.url}").netloc
         self.name = name or f"{self.kind}@{netloc}"
+        self._clients: PerProcess[ollama.Client] | None = None
 
     def __repr__(self) -> str:
         return f"OllamaBackend({self.url!r}, name={self.name!r})"
 
     def list_models(self, timeout: float = 5.0) -> list[str]:
         """Names of the models the server has pulled (`/api/tags`)."""
-        with self._client(timeout) as client, self._errors(None, timeout):
-            listing = client.list()
+        with self._errors(None, timeout):
+            listing = self._client().get()._request(ollama.ListResponse, "GET", "/api/tags", timeout=_limits(timeout))
         return [m.model for m in listing.models if m.model]
 
     def chat(self, request: ChatRequest, on_delta: DeltaCallback | None = None) -> ChatResult:
@@ -75,15 +81,15 @@ class OllamaBackend:
         started = time.monotonic()
         if not request.model:
             raise BackendRejected(f"no model named for ollama at {self.url}")
-        with self._client(request.timeout) as client:
-            if on_delta is None:
-                with self._errors(request.model, request.timeout):
-                    final = self._send(client, request, stream=False)
-                output = final.message.content or ""
-            else:
-                with self._errors(request.model, request.timeout):
-                    stream = self._send(client, request, stream=True)
-                output, final = self._consume(stream, request, started + request.timeout, on_delta)
+        client = self._client().get()
+        if on_delta is None:
+            with self._errors(request.model, request.timeout):
+                final = self._send(client, request, stream=False)
+            output = final.message.content or ""
+        else:
+            with self._errors(request.model, request.timeout):
+                stream = self._send(client, request, stream=True)
+            output, final = self._consume(stream, request, started + request.timeout, on_delta)
         self._check_truncation(request, final.prompt_eval_count)
         stats = {key: getattr(final, key) for key in _STATS if getattr(final, key) is not None}
         return ChatResult(
@@ -120,7 +126,9 @@ class OllamaBackend:
         }
         if options:
             body["options"] = options
-        return client._request(ollama.ChatResponse, "POST", "/api/chat", json=body, stream=stream)
+        return client._request(
+            ollama.ChatResponse, "POST", "/api/chat", json=body, stream=stream, timeout=_limits(request.timeout)
+        )
 
     def _check_truncation(self, request: ChatRequest, prompt_tokens: int | None) -> None:
         """Raise PromptTruncated when the prompt filled the whole context window.
@@ -166,10 +174,11 @@ class OllamaBackend:
                 if close is not None:
                     close()
 
-    def _client(self, timeout: float) -> ollama.Client:
-        # ollama's calls take no timeout, so each call gets a client made for its limit.
-        limits = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
-        return ollama.Client(host=self.url, timeout=limits, verify=_ssl_context())
+    def _client(self) -> PerProcess[ollama.Client]:
+        # One client per backend and process; each request carries its own time limit.
+        if self._clients is None:
+            self._clients = PerProcess(lambda: ollama.Client(host=self.url, verify=_ssl_context()))
+        return self._clients
 
     @contextmanager
     def _errors(self, model: str | None, timeout: float) -> Iterator[None]:

@@ -23,6 +23,7 @@ from koubou.backends.base import (
     ChatRequest,
     ChatResult,
     DeltaCallback,
+    PerProcess,
     error_for_status,
     prompt_too_long,
 )
@@ -36,7 +37,7 @@ _Answer = tuple[str, str, CompletionUsage | None, dict[str, object]]
 
 @cache
 def _ssl_context() -> ssl.SSLContext:
-    # httpx builds a new context per client (~20 ms); we make a client per call.
+    # httpx builds a new context per client (~20 ms): one for every client of the process.
     return httpx2.create_ssl_context()
 
 
@@ -86,24 +87,25 @@ class OpenAIBackend:
         self.api_key = api_key
         # Local servers ignore the key, but the SDK refuses to run without one.
         self._api_key = api_key or "not-needed"
+        self._clients: PerProcess[openai.OpenAI] | None = None
 
     def __repr__(self) -> str:
         return f"OpenAIBackend({self.url!r}, name={self.name!r})"
 
     def list_models(self, timeout: float = 5.0) -> list[str]:
         """Ids of the models the server serves (`/models`)."""
-        with self._client(timeout) as client, self._errors(None, timeout):
-            page = client.models.list()
+        with self._errors(None, timeout):
+            page = self._client().get().models.list(timeout=_timeout(timeout))
         return [model.id for model in page.data]
 
     def chat(self, request: ChatRequest, on_delta: DeltaCallback | None = None) -> ChatResult:
         """Run one chat completion; stream through `on_delta` when given."""
         started = time.monotonic()
-        with self._client(request.timeout) as client:
-            if on_delta is None:
-                output, model, usage, extra = self._complete(client, request)
-            else:
-                output, model, usage, extra = self._stream(client, request, started, on_delta)
+        client = self._client().get()
+        if on_delta is None:
+            output, model, usage, extra = self._complete(client, request)
+        else:
+            output, model, usage, extra = self._stream(client, request, started, on_delta)
         return ChatResult(
             output=output,
             model=model or request.model,
@@ -120,6 +122,7 @@ class OpenAIBackend:
                 messages=_messages(request),
                 temperature=_temperature(request),
                 max_tokens=_max_tokens(request),
+                timeout=_timeout(request.timeout),
             )
         choice = completion.choices[0] if completion.choices else None
         extra: dict[str, object] = {"finish_reason": choice.finish_reason if choice else None}
@@ -140,6 +143,7 @@ class OpenAIBackend:
                 max_tokens=_max_tokens(request),
                 stream=True,
                 stream_options={"include_usage": True},
+                timeout=_timeout(request.timeout),
             )
         parts: list[str] = []
         model, usage, finish = request.model, None, None
@@ -162,15 +166,19 @@ class OpenAIBackend:
             chunks.close()
         return "".join(parts), model, usage, {"finish_reason": finish}
 
-    def _client(self, timeout: float) -> openai.OpenAI:
-        # A client per call: no pooled sockets to leak, or to share across a worker's fork.
-        return openai.OpenAI(
-            base_url=self.url,
-            api_key=self._api_key,
-            timeout=_timeout(timeout),
-            max_retries=0,
-            http_client=openai.DefaultHttpxClient(verify=_ssl_context()),
-        )
+    def _client(self) -> PerProcess[openai.OpenAI]:
+        # One client per backend and process (its connections kept alive); each request carries its
+        # own time limit.
+        if self._clients is None:
+            self._clients = PerProcess(
+                lambda: openai.OpenAI(
+                    base_url=self.url,
+                    api_key=self._api_key,
+                    max_retries=0,
+                    http_client=openai.DefaultHttpxClient(verify=_ssl_context()),
+                )
+            )
+        return self._clients
 
     def _translated(self, stream: openai.Stream[T], model: str, timeout: float) -> Iterator[T]:
         # Only the stream's own errors get translated, not those of the caller's on_delta.

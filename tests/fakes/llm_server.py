@@ -213,6 +213,7 @@ class FakeLLMServer:
         self._served = 0
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
+        self._accepted = 0
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -280,6 +281,12 @@ class FakeLLMServer:
             return self._peak
 
     @property
+    def connections_accepted(self) -> int:
+        """TCP connections clients opened so far (a client keeping its connection alive opens one)."""
+        with self._lock:
+            return self._accepted
+
+    @property
     def in_flight(self) -> int:
         """Chat/generate calls being answered right now."""
         with self._lock:
@@ -342,6 +349,7 @@ class FakeLLMServer:
         with self._lock:
             if is_open:
                 self._connections.add(conn)
+                self._accepted += 1
             else:
                 self._connections.discard(conn)
 

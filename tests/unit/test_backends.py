@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from koubou.backends.base import (
     ChatMessage,
     ChatRequest,
     ModelNotFound,
+    PerProcess,
 )
 from koubou.backends.ollama import OllamaBackend
 from koubou.backends.openai import OpenAIBackend
@@ -291,3 +293,28 @@ def test_concurrent_calls(backend: Backend, server: FakeLLMServer) -> None:
         thread.join(5)
     assert results == {i: fake_answer(MODEL, wire(ask(f"job {i}"))) for i in range(4)}
     assert server.peak_concurrency > 1
+
+
+def test_calls_reuse_one_kept_alive_connection_with_their_own_time_limits(server: FakeLLMServer, backend: Backend) -> None:
+    backend.list_models(timeout=5)
+    backend.chat(ask(timeout=30))
+    backend.chat(ask(timeout=30), on_delta=lambda _: None)
+    assert server.connections_accepted == 1  # a remote server would see one TLS handshake, not three
+    server.set_latency(2)
+    began = time.monotonic()
+    with pytest.raises(BackendTimeout):
+        backend.chat(ask(timeout=0.5))  # the shared client still applies this call's limit
+    assert time.monotonic() - began < 1.8
+
+
+def test_a_forked_child_never_shares_its_parents_client() -> None:
+    made = PerProcess(object)
+    parent = made.get()
+    assert made.get() is parent
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a worker's pool process
+        os.write(write, b"own" if made.get() is not parent else b"shared")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 16) == b"own"

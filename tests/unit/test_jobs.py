@@ -14,3 +14,10 @@ def test_task_ids_are_unique_under_concurrency() -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         ids = list(pool.map(lambda _: new_task_id(), range(20_000)))
     assert len(set(ids)) == len(ids)
+
+
+def test_task_ids_use_the_whole_alphabet_in_every_position() -> None:
+    suffixes = [new_task_id()[-12:] for _ in range(5_000)]
+    alphabet = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    for position in range(12):
+        assert {suffix[position] for suffix in suffixes} == alphabet
