@@ -46,8 +46,7 @@ WORKER_EVENTS = frozenset({"worker-online", "worker-heartbeat", "worker-offline"
 NON_FINAL = (TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value)
 
 
-#: Seconds a pending row may go without a message in the broker before it is checked as never sent
-#: (the API retries a send for about two seconds, then fails the row itself).
+#: Seconds a pending row may go without a message in the broker before it is checked as lost.
 UNSENT_AFTER = 30.0
 
 
@@ -484,8 +483,10 @@ class Mirror:
         return len(ids)
 
     def fail_unsent(self) -> int:
-        """Fail pending rows whose message never reached the broker (the API died between writing
-        the row and sending it): no worker will ever run them, so they must not stay pending.
+        """Fail pending rows whose message the broker no longer holds and no worker ran (the API
+        writes a row only once its message is queued, so the broker lost it: its data was reset, or
+        a power cut took writes it had not yet synced): no worker will ever run them, so they must
+        not stay pending.
 
         A row counts only when it is older than `unsent_after`, has no state in the result
         backend, and the broker held no message for it at two looks in a row (a message moves
@@ -517,8 +518,8 @@ class Mirror:
         unsent, self._unsent_suspects = missing & self._unsent_suspects, missing
         if not unsent:
             return 0
-        result = {"success": False, "output": None, "error_type": "NeverQueued",
-                  "error": "the task was never queued: the API stopped before handing it to the broker; submit it again"}  # fmt: skip
+        result = {"success": False, "output": None, "error_type": "MessageLost",
+                  "error": "the broker no longer holds this task's message and no worker ran it; submit it again"}  # fmt: skip
         failed = 0
         with self.sessions.begin() as session:
             for task_id in sorted(unsent):
@@ -528,10 +529,10 @@ class Mirror:
                 self._set_status(session, row, TaskStatus.FAILED, result, None, utcnow())
                 row.updated_at = utcnow()
                 session.add(SystemLogRow(timestamp=utcnow(), level="WARNING", component="mirror",
-                                         message=f"task {task_id} was never queued; failed", task_id=task_id))  # fmt: skip
+                                         message=f"the message of task {task_id} was lost; failed", task_id=task_id))  # fmt: skip
                 failed += 1
         self._unsent_suspects -= unsent
-        log.warning("mirror: failed %d task(s) whose message never reached the broker", failed)
+        log.warning("mirror: failed %d task(s) whose message the broker lost", failed)
         return failed
 
     def age_queued(self) -> int:

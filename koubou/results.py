@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -14,7 +15,10 @@ from typing import Any
 import redis
 from celery import states
 from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError
+from kombu.utils.encoding import bytes_to_str
 from redis.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from .constants import TaskStatus
 from .jobs import DelegationFailed
@@ -69,6 +73,27 @@ def send_riders_now(backend: Any, task_id: str) -> None:
         log.warning("could not send what should have gone with the result of %s", task_id, exc_info=True)
 
 
+#: Store and publish a task's state unless a SUCCESS is stored already. KEYS[1]: the result key;
+#: ARGV: the encoded meta (JSON), its lifetime in seconds (0: none). Returns 1 when stored.
+_SET_UNLESS_SUCCEEDED = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
+    return 0
+  end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+_SET_UNLESS_SUCCEEDED_SHA = hashlib.sha1(_SET_UNLESS_SUCCEEDED.encode()).hexdigest()  # noqa: S324 (Redis's script id)
+
+
 class ResultBackend(RedisBackend):
     """Celery's Redis result backend, without a subscription per task sent, and with riders.
 
@@ -84,18 +109,43 @@ class ResultBackend(RedisBackend):
     def on_task_call(self, producer: Any, task_id: str) -> None:
         pass
 
+    _script_loaded = False
+
+    def _store_result(
+        self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None, **_: Any
+    ) -> Any:
+        # Celery reads the stored state first and keeps a SUCCESS already there (a redelivered
+        # duplicate must not overwrite it), then writes: two round trips. Here the check and the
+        # write are one script, in the same round trip as the riders, and atomic.
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        try:
+            self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
+        except BackendStoreError as error:
+            raise BackendStoreError(str(error), state=state, task_id=task_id) from error
+        return result
+
     def _set(self, key: str | bytes, value: Any, expires: int | None = None) -> None:
         # Celery's own _set, plus the riders; they are dropped only once stored (ensure() may retry).
         if expires is None:
             expires = self.expires
         with _riders_lock:
             riders = list(_riders.get(_key_text(key), ()))
+        args = (key, value, int(expires) if expires else 0)
+        if not self._script_loaded:
+            self.client.script_load(_SET_UNLESS_SUCCEEDED)
+            self._script_loaded = True
         with self.client.pipeline() as pipe:
-            pipe.set(key, value, ex=int(expires) if expires else None)
-            pipe.publish(key, value)
+            # EVALSHA by hand: redis-py's Script in a pipeline sends SCRIPT EXISTS first, every time.
+            pipe.evalsha(_SET_UNLESS_SUCCEEDED_SHA, 1, *args)
             for rider in riders:
                 rider(pipe)
-            pipe.execute()
+            stored = pipe.execute(raise_on_error=False)[0]
+        if isinstance(stored, NoScriptError):  # the broker restarted and forgot it; the riders went
+            self.client.script_load(_SET_UNLESS_SUCCEEDED)
+            self.client.evalsha(_SET_UNLESS_SUCCEEDED_SHA, 1, *args)
+        elif isinstance(stored, Exception):
+            raise stored
         if riders:
             with _riders_lock:
                 _riders.pop(_key_text(key), None)

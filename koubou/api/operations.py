@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import g
 from sqlalchemy import insert, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ..constants import (
     DELEGATE_TASK,
@@ -83,27 +84,6 @@ def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
         max_tokens=body.options.max_tokens,
         files=files,
     )
-    now = utcnow()
-    # The row exists before the message does, so the mirror never sees an unknown task. Plain
-    # INSERTs (not the ORM's unit of work): this is on every delegation's path.
-    with ctx.sessions.begin() as session:
-        session.execute(
-            insert(TaskRow.__table__),
-            {
-                "task_id": task_id,
-                "task_type": body.type.value,
-                "status": TaskStatus.PENDING.value,
-                "priority": body.priority,
-                "content": _row_content(job),
-                "agent_id": g.get("agent_id"),
-                "created_at": now,
-                "updated_at": now,
-            },
-        )
-        session.execute(
-            insert(AgentCommunicationRow.__table__),
-            _communication(task_id, "delegate", {"type": body.type.value, "model": job.model}),
-        )
     try:
         ctx.celery.send_task(
             DELEGATE_TASK,
@@ -121,14 +101,44 @@ def submit(ctx: ApiContext, body: DelegateRequest, task_id: str) -> str:
         )
     except Exception as error:  # kombu/redis raise several unrelated types for "broker down"
         log.exception("could not send %s to the broker", task_id)
-        with ctx.sessions.begin() as session:
-            row = session.get(TaskRow, task_id)
-            if row is not None:
-                row.status = TaskStatus.FAILED.value
-                row.result = {"success": False, "output": None, "error": f"broker unavailable: {error}"}
-                row.updated_at = utcnow()
         raise APIError(503, "broker unavailable", f"the task was not queued: {error}") from None
+    # The row follows the message: the message, which the broker keeps durably, is what makes the
+    # task real, and a `sync` delegation writes its row while a worker already runs the task.
+    _record_submitted(ctx, job, body)
     return task_id
+
+
+def _record_submitted(ctx: ApiContext, job: DelegationJob, body: DelegateRequest) -> None:
+    """Write the task's `pending` row and who asked for it (plain INSERTs: this is every delegation's path).
+
+    The mirror may have met the task's events first and adopted it with what they carry; the row
+    then gets the content it lacks. With the database down the task still runs (it is queued):
+    the mirror adopts it once the database is back, so the client still gets its task id.
+    """
+    now = utcnow()
+    row = {
+        "task_id": job.task_id,
+        "task_type": body.type.value,
+        "status": TaskStatus.PENDING.value,
+        "priority": body.priority,
+        "content": _row_content(job),
+        "agent_id": g.get("agent_id"),
+        "created_at": now,
+        "updated_at": now,
+    }
+    asked = _communication(job.task_id, "delegate", {"type": body.type.value, "model": job.model})
+    try:
+        try:
+            with ctx.sessions.begin() as session:
+                session.execute(insert(TaskRow.__table__), row)
+                session.execute(insert(AgentCommunicationRow.__table__), asked)
+        except IntegrityError:  # adopted by the mirror already: keep its status, add the content
+            kept = {key: row[key] for key in ("task_type", "priority", "content", "agent_id", "created_at")}
+            with ctx.sessions.begin() as session:
+                session.execute(update(TaskRow).where(TaskRow.task_id == job.task_id).values(**kept))
+                session.execute(insert(AgentCommunicationRow.__table__), asked)
+    except SQLAlchemyError:
+        log.exception("task %s is queued, but its row could not be written now; the mirror will adopt it", job.task_id)
 
 
 def _check_workspace_paths(files: tuple[ShippedFile, ...]) -> None:

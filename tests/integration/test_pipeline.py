@@ -462,3 +462,16 @@ def test_flower_asks_for_a_login_and_shows_koubou_tasks_readably(system: System)
     assert "flower_events_total" in get("/metrics")
     for log in (system.home / "logs").rglob("*.log"):
         assert password not in log.read_text(errors="replace"), log
+
+
+def test_the_result_store_keeps_a_success_on_the_real_broker(system: System) -> None:
+    """koubou's one-trip result store (a Lua script with cjson) on the embedded Valkey, not a fake."""
+    from koubou.celery import app as koubou_app
+    from koubou.results import ResultBackend
+
+    backend = ResultBackend(app=koubou_app, url=f"redis://127.0.0.1:{system.redis_port}/0")
+    backend.store_result("t-real-1", {"success": True, "output": "first"}, "SUCCESS")
+    backend.store_result("t-real-1", RuntimeError("a redelivered duplicate failed"), "FAILURE")
+    meta = backend.get_task_meta("t-real-1")
+    assert meta["status"] == "SUCCESS" and meta["result"]["output"] == "first"
+    assert 0 < backend.client.ttl(backend.get_key_for_task("t-real-1")) <= koubou_app.conf.result_expires

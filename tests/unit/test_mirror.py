@@ -290,7 +290,7 @@ def test_a_lost_task_no_broker_holds_fails_and_one_still_queued_goes_back_to_pen
     assert row(sessions, "waiting").status == "pending"
 
 
-def test_a_pending_row_whose_message_never_reached_the_broker_fails_after_two_looks(sessions, store) -> None:
+def test_a_pending_row_whose_message_the_broker_lost_fails_after_two_looks(sessions, store) -> None:
     held = {"queued", "unacked"}
     mirror = Mirror(SimpleNamespace(backend=store), sessions, held=lambda _app: held, unsent_after=0)  # type: ignore[arg-type]
     for task_id in ("queued", "unacked", "ghost", "started"):
@@ -301,7 +301,7 @@ def test_a_pending_row_whose_message_never_reached_the_broker_fails_after_two_lo
     store.metas["unacked"] = {"status": "SUCCESS", "result": {"success": True, "output": "ok"}}
     assert mirror.fail_unsent() == 1
     ghost = row(sessions, "ghost")
-    assert ghost.status == "failed" and ghost.result["error_type"] == "NeverQueued"  # type: ignore[index]
+    assert ghost.status == "failed" and ghost.result["error_type"] == "MessageLost"  # type: ignore[index]
     assert {row(sessions, t).status for t in ("queued", "unacked", "started")} == {"pending"}
 
 

@@ -133,7 +133,7 @@ def test_riders_go_in_the_round_trip_that_stores_the_result() -> None:
         backend.store_result("t1", {"success": True}, "SUCCESS")
     finally:
         fakeredis.FakeRedis.pipeline = execute  # type: ignore[method-assign]
-    assert executed == [["SET", "PUBLISH", "ZREM"]]
+    assert executed == [["EVALSHA", "ZREM"]]
     assert client.zcard("koubou:slots:b") == 0
     send_riders_now(backend, "t1")  # nothing left over: sends nothing, raises nothing
     assert backend.get_task_meta("t1")["status"] == "SUCCESS"
@@ -146,3 +146,30 @@ def test_riders_a_failed_store_did_not_carry_are_sent_on_their_own() -> None:
     ride_with_result(backend, "t2", lambda pipe: pipe.zrem("koubou:slots:b", "lease"))
     send_riders_now(backend, "t2")  # what the task_postrun hook does when no store took them
     assert client.zcard("koubou:slots:b") == 0
+
+
+def test_a_stored_success_is_never_overwritten_and_every_store_is_published() -> None:
+    client = fakeredis.FakeRedis()
+    backend = result_backend(client)
+    pubsub = client.pubsub()
+    pubsub.subscribe(backend.get_key_for_task("t3"))
+    backend.store_result("t3", {"success": True, "output": "first"}, "SUCCESS")
+    backend.store_result("t3", RuntimeError("a redelivered duplicate failed"), "FAILURE")  # must not win
+    meta = backend.get_task_meta("t3")
+    assert meta["status"] == "SUCCESS" and meta["result"]["output"] == "first"
+    published = [m for m in iter(lambda: pubsub.get_message(timeout=0.2), None) if m["type"] == "message"]
+    assert len(published) == 1 and json.loads(published[0]["data"])["status"] == "SUCCESS"
+    backend.store_result("t4", RuntimeError("boom"), "FAILURE")
+    backend.store_result("t4", {"success": True, "output": "retried"}, "SUCCESS")  # a failure may be replaced
+    assert backend.get_task_meta("t4")["status"] == "SUCCESS"
+
+
+def test_a_broker_that_forgot_the_script_still_gets_the_result_and_the_riders_once() -> None:
+    client = fakeredis.FakeRedis()
+    backend = result_backend(client)
+    backend.store_result("t5", {"success": True}, "SUCCESS")  # loads the script
+    client.script_flush()  # a restarted broker has no scripts
+    ride_with_result(backend, "t6", lambda pipe: pipe.lpush("riders-ran", 1))
+    backend.store_result("t6", {"success": True, "output": "after the restart"}, "SUCCESS")
+    assert backend.get_task_meta("t6")["result"]["output"] == "after the restart"
+    assert client.llen("riders-ran") == 1
