@@ -4,13 +4,16 @@
    task making the same backend call (bench/bare_celery.py), samples alternating; p50/p99, the
    difference in ms and the ratio. A direct call to the server is shown for scale.
 2. Throughput: a batch of async tasks submitted as fast as possible, timed until every one is final
-   (koubou: every row final in the SQL mirror; bare: every result ready); rounds alternate.
-Both run against the fake Ollama server at ~0 latency, with the same worker pool (prefork,
---autoscale=W,W). Starts its own system (`koubou up` on free ports) and bare worker, stops both by PID.
+   (koubou: every row final in the SQL mirror; bare: every result ready); rounds alternate. Once at
+   ~0 backend latency (pure overhead: both sides CPU-bound on the machine) and once per further
+   `--latencies` value, the fake then answering W calls at once at most (a fixed capacity).
+Sync round trips run against the fake Ollama server at ~0 latency. Both sides have the same worker
+pool (prefork, --autoscale=W,W). Starts its own system (`koubou up` on free ports) and bare worker,
+stops both by PID.
 With the throughput it prints the CPU each process spent per task; `--breakdown` adds the Redis
 commands each side sends per task and where a koubou sync round trip spends its time (from Celery's
 own events: received, started, succeeded, and the backend call's timing in the result).
-Run: .venv/bin/python bench/overhead.py [--n 200] [--tasks 200] [--rounds 3] [--workers 4] [--breakdown]
+Run: .venv/bin/python bench/overhead.py [--n 200] [--tasks 200] [--rounds 3] [--workers 4] [--latencies 0,0.05] [--breakdown]
 """
 
 from __future__ import annotations
@@ -263,10 +266,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="throughput batches per side")
     parser.add_argument("--workers", type=int, default=4, help="worker processes, both sides")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--latencies", default="0,0.05",
+                        help="backend latencies (s) for the throughput batches, comma-separated; the fake then serves "
+                             "as many calls at once as there are worker processes (a fixed capacity)")  # fmt: skip
     parser.add_argument("--breakdown", action="store_true", help="also Redis commands per task and a stage timeline")
     args = parser.parse_args()
 
-    with FakeLLMServer(models=(MODEL,)) as fake, tempfile.TemporaryDirectory() as home:
+    latencies = [float(x) for x in args.latencies.split(",") if x.strip()]
+    with FakeLLMServer(models=(MODEL,), slots=args.workers) as fake, tempfile.TemporaryDirectory() as home:
         # As many backend slots as worker processes: the fake has no limit and the bare side none
         # either, so leases are taken and given back (their cost counts) but never make a task wait.
         system = make_system(Path(home), OLLAMA_HOST=fake.url, KOUBOU_DEFAULT_MODEL=MODEL,
@@ -291,19 +298,25 @@ def main() -> None:
                 for name in names[i % 3:] + names[: i % 3]:
                     samples[name].append(timed(calls[name]))
 
-            rates: dict[str, list[float]] = {"bare": [], "koubou": []}
+            # Per latency: the batches' rates of each side, and (at the first latency) their CPU.
+            rates: dict[float, dict[str, list[float]]] = {}
             cpu: dict[str, dict[str, float]] = {"bare": {}, "koubou": {}}
             if not args.skip_throughput:
                 koubou_batch(system, api, 20), bare_batch(app, 20)  # warm
                 pids = {os.getpid(), bare_worker.process.pid} | descendants(system.process.pid) | descendants(bare_worker.process.pid)
-                for i in range(args.rounds):
-                    order = ("koubou", "bare") if i % 2 == 0 else ("bare", "koubou")
-                    for name in order:
-                        used = cpu_seconds(pids)
-                        rate = koubou_batch(system, api, args.tasks) if name == "koubou" else bare_batch(app, args.tasks)
-                        rates[name].append(rate)
-                        for group, seconds in cpu_seconds(pids).items():
-                            cpu[name][group] = cpu[name].get(group, 0.0) + seconds - used.get(group, 0.0)
+                for latency in latencies:
+                    fake.set_latency(latency)
+                    rates[latency] = {"bare": [], "koubou": []}
+                    for i in range(args.rounds):
+                        order = ("koubou", "bare") if i % 2 == 0 else ("bare", "koubou")
+                        for name in order:
+                            used = cpu_seconds(pids)
+                            rate = koubou_batch(system, api, args.tasks) if name == "koubou" else bare_batch(app, args.tasks)
+                            rates[latency][name].append(rate)
+                            if latency == latencies[0]:
+                                for group, seconds in cpu_seconds(pids).items():
+                                    cpu[name][group] = cpu[name].get(group, 0.0) + seconds - used.get(group, 0.0)
+                fake.set_latency(0)
             commands: dict[str, dict[str, float]] = {}
             stages: dict[str, list[float]] = {}
             if args.breakdown:
@@ -326,17 +339,19 @@ def main() -> None:
     print(row("koubou / bare", f"{p['koubou'][0] / p['bare'][0]:.2f}x", f"{p['koubou'][1] / p['bare'][1]:.2f}x"))
     verdict = "met" if added[0] <= TARGET_ADDED_P50_MS else "MISSED"
     print(f"  target: koubou adds <= {TARGET_ADDED_P50_MS:g} ms p50 over bare Celery: {verdict}")
-    if rates["bare"]:
-        k, b = statistics.median(rates["koubou"]), statistics.median(rates["bare"])
-        print(f"\nthroughput, {args.tasks} async tasks per batch, {args.rounds} batches each, alternating (median)")
+    for latency, sides in rates.items():
+        k, b = statistics.median(sides["koubou"]), statistics.median(sides["bare"])
+        print(f"\nthroughput, backend latency {latency * 1000:g} ms, {args.workers} calls at once at most; {args.tasks} async tasks "
+              f"per batch, {args.rounds} batches each, alternating (median)")  # fmt: skip
         print(row("", "tasks/s", "batches"))
-        print(row("bare Celery (until every result is ready)", f"{b:.1f}", " ".join(f"{r:.0f}" for r in rates["bare"])))
-        print(row("koubou (until every SQL row is final)", f"{k:.1f}", " ".join(f"{r:.0f}" for r in rates["koubou"])))
+        print(row("bare Celery (until every result is ready)", f"{b:.1f}", " ".join(f"{r:.0f}" for r in sides["bare"])))
+        print(row("koubou (until every SQL row is final)", f"{k:.1f}", " ".join(f"{r:.0f}" for r in sides["koubou"])))
         print(row("koubou / bare", f"{k / b:.2f}", ""))
         verdict = "met" if k / b >= TARGET_THROUGHPUT_RATIO else "MISSED"
         print(f"  target: koubou throughput >= {TARGET_THROUGHPUT_RATIO:g} x bare Celery: {verdict}")
+    if rates:
         tasks = args.tasks * args.rounds
-        print("\nCPU per task during the throughput batches (ms; every process of both sides, 2 shared cores)")
+        print(f"\nCPU per task during the throughput batches at {latencies[0] * 1000:g} ms latency (ms; every process of both sides, 2 shared cores)")
         print(row("", "koubou", "bare"))
         groups = sorted(set(cpu["koubou"]) | set(cpu["bare"]), key=lambda g: -cpu["koubou"].get(g, 0.0))
         for group in groups:

@@ -72,14 +72,14 @@ def _on_interrupt(_signum: int, _frame: object) -> None:
         raise SoftTimeLimitExceeded()
 
 
-@app.task(name=DELEGATE_TASK, bind=True)
+# The worker log's success line shows the start of the outcome, not up to 1 KB of the model's answer.
+@app.task(name=DELEGATE_TASK, bind=True, resultrepr_maxsize=160)
 def delegate(self, job: dict) -> dict:  # type: ignore[no-untyped-def]
     """Run one delegation; the returned dict is the task's `result` (failures raise DelegationFailed)."""
     # Installed here, not at process start: billiard sets its own handler after its initializers.
     if signal.getsignal(signal.SIGUSR1) is not _on_interrupt:
         signal.signal(signal.SIGUSR1, _on_interrupt)
     parsed = DelegationJob.model_validate(job)
-    log.info("delegation %s: model=%s type=%s", parsed.task_id, parsed.model, parsed.type)
     publish = TokenPublisher(app.backend.client, parsed.task_id)
     delegation = Delegation(
         parsed,
