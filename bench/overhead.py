@@ -256,7 +256,7 @@ def stage_timeline(broker: str, api: Api, count: int = 60) -> dict[str, list[flo
 
 
 def row(name: str, *cells: str) -> str:
-    return f"  {name:<46}" + "".join(f"{cell:>11}" for cell in cells)
+    return f"  {name:<46}" + "".join(f" {cell:>10}" for cell in cells)
 
 
 def main() -> None:
