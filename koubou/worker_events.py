@@ -10,6 +10,8 @@ the time it was made, so rows and Flower show the same times, just up to that in
 
 from __future__ import annotations
 
+import time
+
 from celery.worker.consumer import Consumer
 
 #: Seconds a task event may wait in the worker's buffer for others to go with it.
@@ -19,18 +21,21 @@ EVENT_FLUSH_INTERVAL = 0.1
 class BatchingConsumer(Consumer):
     """Celery's consumer (`worker_consumer`), with task events flushed on a timer."""
 
-    _flush_pending = False
+    #: When the pending flush was asked for (None: none is pending).
+    _flush_asked: float | None = None
 
     def on_send_event_buffered(self) -> None:
         if self.hub is None:
             super().on_send_event_buffered()
             return
-        if not self._flush_pending:
-            self._flush_pending = True
+        now = time.monotonic()
+        # A flush pending for much longer than asked was lost with its timer: ask again.
+        if self._flush_asked is None or now - self._flush_asked > 10 * EVENT_FLUSH_INTERVAL:
+            self._flush_asked = now
             self.hub.call_later(EVENT_FLUSH_INTERVAL, self._flush_batch)
 
     def _flush_batch(self) -> None:
-        self._flush_pending = False
+        self._flush_asked = None
         self._flush_events()
 
     def shutdown(self) -> None:

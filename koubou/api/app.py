@@ -44,6 +44,7 @@ from .operations import (
     effective_status,
     get_status,
     iso,
+    recent_tasks,
     submit_once,
     wait_for_final,
 )
@@ -204,12 +205,8 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
             query = TaskListQuery.model_validate(request.args.to_dict())
         except ValidationError as error:
             raise APIError(400, "invalid request", _field_errors(error)) from None
-        statement = select(TaskRow).order_by(TaskRow.created_at.desc()).limit(query.limit)
-        if query.status is not None:
-            statement = statement.where(TaskRow.status == query.status.value)
-        with ctx.sessions() as session:
-            rows = session.scalars(statement).all()
-        return jsonify(TaskListResponse(tasks=[describe(ctx, row) for row in rows]).model_dump(mode="json"))
+        tasks = recent_tasks(ctx, query.status, query.limit)
+        return jsonify(TaskListResponse(tasks=tasks).model_dump(mode="json"))
 
     @app.get("/workers")
     @spec.validate(resp=SpecResponse(HTTP_200=WorkerListResponse), skip_validation=True)

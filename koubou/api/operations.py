@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from flask import g
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ..constants import (
@@ -25,7 +25,7 @@ from ..db.session import utcnow
 from ..git_workspace import BadPath, checked_path
 from ..jobs import DelegationJob, ShippedFile, new_task_id
 from ..prompts import context_window, estimate_tokens, user_message
-from ..results import BackendView, CANCELLED, read_view, wait_until_final
+from ..results import BackendView, CANCELLED, read_view, read_views, wait_until_final
 from ..streaming import read_progress
 from ..workspace import FileRefused
 from .context import ApiContext, APIError
@@ -284,6 +284,38 @@ def describe(ctx: ApiContext, row: TaskRow) -> TaskStatusResponse:
         started_at=iso(row.started_at),
         completed_at=iso(completed_at),
     )
+
+
+#: Rows not final yet that a listing of finished tasks looks up in the result backend (oldest first:
+#: under a backlog, the oldest waiting tasks are the ones that ran).
+LAGGING_ROWS_LOOKED_AT = 1000
+
+
+def recent_tasks(ctx: ApiContext, wanted: TaskStatus | None, limit: int) -> list[TaskStatusResponse]:
+    """The newest tasks, by the status GET /task/<id>/status gives (`wanted` filters).
+
+    The mirror writes a row a moment after the result backend has the outcome; a task that status
+    calls completed must be in the list of completed ones already, and not in the list of pending ones.
+    """
+    statement = select(TaskRow).order_by(TaskRow.created_at.desc()).limit(limit)
+    if wanted is not None:
+        statement = statement.where(TaskRow.status == wanted.value)
+    with ctx.sessions() as session:
+        rows = list(session.scalars(statement).all())
+        if wanted is not None and wanted.is_final:
+            lagging = session.scalars(
+                select(TaskRow)
+                .where(TaskRow.status.in_((TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value)))
+                .order_by(TaskRow.created_at)
+                .limit(LAGGING_ROWS_LOOKED_AT)
+            ).all()
+            views = read_views(ctx.celery, [row.task_id for row in lagging])
+            rows += [row for row in lagging if (view := views.get(row.task_id)) and view.status == wanted]
+    described = [describe(ctx, row) for row in rows]
+    if wanted is not None:
+        described = [task for task in described if task.status == wanted]
+    described.sort(key=lambda task: task.created_at, reverse=True)
+    return described[:limit]
 
 
 def progress_of(ctx: ApiContext, row: TaskRow, completed_at: datetime | None) -> TaskProgress:

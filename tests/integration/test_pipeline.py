@@ -475,3 +475,22 @@ def test_the_result_store_keeps_a_success_on_the_real_broker(system: System) -> 
     meta = backend.get_task_meta("t-real-1")
     assert meta["status"] == "SUCCESS" and meta["result"]["output"] == "first"
     assert 0 < backend.client.ttl(backend.get_key_for_task("t-real-1")) <= koubou_app.conf.result_expires
+
+
+def test_task_lists_agree_with_the_status_while_the_mirror_lags(system: System) -> None:
+    mirror = system.child("mirror")
+    assert mirror is not None
+    os.kill(mirror, signal.SIGSTOP)  # its rows stay behind the result backend meanwhile
+    try:
+        code, body = system.delegate(prompt="listed while the mirror sleeps", sync=True)
+        assert code == 200 and body["status"] == "completed", body
+        task_id = body["task_id"]
+        assert system.sql("SELECT status FROM task_master WHERE task_id = ?", task_id)[0]["status"] != "completed"
+        code, completed = http("GET", f"{system.api}/tasks?status=completed&limit=200")
+        assert code == 200 and task_id in {t["task_id"] for t in completed["tasks"]}
+        assert all(t["status"] == "completed" for t in completed["tasks"])
+        for waiting in ("pending", "in_progress"):
+            code, listed = http("GET", f"{system.api}/tasks?status={waiting}&limit=200")
+            assert code == 200 and task_id not in {t["task_id"] for t in listed["tasks"]}
+    finally:
+        os.kill(mirror, signal.SIGCONT)
