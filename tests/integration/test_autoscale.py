@@ -55,7 +55,8 @@ def celery_stats(system: System) -> dict[str, Any]:
     app = Celery("probe", broker=f"redis://127.0.0.1:{system.redis_port}/0")
     app.conf.control_exchange = "koubou.control"
     try:
-        replies = app.control.inspect(timeout=3).stats() or {}
+        # limit=1: answer as soon as the one worker has (without it, every call waits the whole timeout).
+        replies = app.control.inspect(timeout=3, limit=1).stats() or {}
     finally:
         app.close()
     assert len(replies) == 1, replies
@@ -77,7 +78,7 @@ def test_the_pool_grows_to_the_backend_slots_not_max_and_shrinks_without_killing
             grown = celery_stats(system)
 
             # Scale down while a task runs: the idle process goes, the busy one finishes its task.
-            fake.set_latency(10)
+            fake.set_latency(15)  # outlasts the keepalive (3 s), the shrink and the checks below
             long_id = system.delegate(prompt="the long one", options={"timeout": 60})[1]["task_id"]
             wait_until(lambda: system.status(long_id)[1]["status"] == "in_progress", 20)
             wait_until(lambda: pool_size(worker) == 1, 20)
