@@ -81,9 +81,11 @@ def priority(slots: int) -> None:
 def main() -> None:
     with FakeLLMServer(models=("m:1b",), slots=2, latency=LATENCY) as one:
         utilisation([(one, 2)], tasks=60, workers=4)
-    with FakeLLMServer(models=("m:1b",), slots=1, latency=LATENCY) as small, \
-         FakeLLMServer(models=("m:1b",), slots=3, latency=LATENCY) as big:  # fmt: skip
-        utilisation([(small, 1), (big, 3)], tasks=80, workers=6)
+    # Twice: a 6 s run's ramp and tail (slots idle while the last calls end) weigh twice as much as a 12 s run's.
+    for tasks in (80, 160):
+        with FakeLLMServer(models=("m:1b",), slots=1, latency=LATENCY) as small, \
+             FakeLLMServer(models=("m:1b",), slots=3, latency=LATENCY) as big:  # fmt: skip
+            utilisation([(small, 1), (big, 3)], tasks=tasks, workers=6)
     priority(2)
     priority(5)
 
