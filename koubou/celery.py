@@ -2,11 +2,16 @@
 
 from typing import Any
 
+import logging
+
+import redis
 from celery import Celery
-from celery.signals import celeryd_init
+from celery.signals import celeryd_init, worker_ready
 
 from .config import get_settings
-from .constants import queues_for_types
+from .constants import WORKER_TYPES_KEY, queues_for_types, types_of_queues, worker_type_label
+
+log = logging.getLogger(__name__)
 
 app = Celery("koubou")
 app.config_from_object("celeryconfig")
@@ -25,3 +30,15 @@ def consume_served_types(sender: str, instance: Any, options: dict[str, Any], **
     """
     if not options.get("queues"):
         instance.app.amqp.queues.select(queues_for_types(get_settings().worker_types))
+
+
+@worker_ready.connect
+def announce_served_types(sender: Any, **_: Any) -> None:
+    """Tell the mirror which task types this worker serves (`workers.worker_type`): from the queues it
+    really consumes, so -Q and -X count too. Workers on other machines have no database, only Redis."""
+    consumed = sender.app.amqp.queues.consume_from
+    label = worker_type_label(types_of_queues(consumed))
+    try:
+        sender.app.backend.client.hset(WORKER_TYPES_KEY, sender.hostname, label)
+    except redis.RedisError:
+        log.warning("could not record that %s serves %s tasks", sender.hostname, label, exc_info=True)

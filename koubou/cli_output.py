@@ -158,11 +158,11 @@ def workers_table(workers: list[dict[str, Any]]) -> str:
     if not workers:
         return "no workers seen yet"
     rows = [
-        (w.get("worker_id"), w.get("status"), w.get("active_tasks"), w.get("tasks_completed"), w.get("tasks_failed"),
-         w.get("last_heartbeat"))
+        (w.get("worker_id"), w.get("worker_type"), w.get("status"), w.get("active_tasks"), w.get("tasks_completed"),
+         w.get("tasks_failed"), w.get("last_heartbeat"))
         for w in workers
     ]  # fmt: skip
-    return table(rows, ("worker", "status", "active", "completed", "failed", "heartbeat"))
+    return table(rows, ("worker", "serves", "status", "active", "completed", "failed", "heartbeat"))
 
 
 def backends_table(backends: list[dict[str, Any]]) -> str:

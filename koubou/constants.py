@@ -77,6 +77,20 @@ def queues_for_types(task_types: Iterable[TaskType | str]) -> tuple[str, ...]:
     return tuple(sorted(queue for task_type in set(map(TaskType, task_types)) for queue in QUEUES_BY_TYPE[task_type]))
 
 
+def types_of_queues(queues: Iterable[str]) -> tuple[TaskType, ...]:
+    """The task types a worker consuming `queues` serves (any of a type's queues counts: -Q may name a few)."""
+    names = set(queues)
+    return tuple(task_type for task_type in TaskType if names & set(QUEUES_BY_TYPE[task_type]))
+
+
+def worker_type_label(task_types: Iterable[TaskType]) -> str:
+    """`workers.worker_type`: the task types a worker serves, e.g. `general+code`, `code`."""
+    return "+".join(task_type.value for task_type in task_types) or "none"
+
+
+#: Redis hash (in the result backend): worker node name -> worker_type_label, written as it starts.
+WORKER_TYPES_KEY = "koubou:worker-types"
+
 # Redis key the mirror refreshes while it runs; /health reads it.
 MIRROR_ALIVE_KEY = "koubou:mirror:alive"
 MIRROR_ALIVE_TTL = 15

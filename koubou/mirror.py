@@ -22,7 +22,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .broker import held_task_ids, promote, queued_task_ids, requeue_unacked
-from .constants import MIRROR_ALIVE_KEY, MIRROR_ALIVE_TTL, TaskStatus, WorkerStatus
+from .constants import MIRROR_ALIVE_KEY, MIRROR_ALIVE_TTL, WORKER_TYPES_KEY, TaskStatus, WorkerStatus
 from .db.models import SystemLogRow, TaskRow, WorkerRow
 from .db.session import utcnow
 from .results import BackendView, read_view, read_views
@@ -44,6 +44,8 @@ TASK_EVENT_STATUS: dict[str, TaskStatus | None] = {
 }
 WORKER_EVENTS = frozenset({"worker-online", "worker-heartbeat", "worker-offline"})
 NON_FINAL = (TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value)
+#: `workers.worker_type` of a worker that announced no task types (not a koubou worker, or an older one).
+UNKNOWN_WORKER_TYPE = "celery"
 
 
 #: Seconds a pending row may go without a message in the broker before it is checked as lost.
@@ -106,6 +108,8 @@ class Mirror:
         self.unsent_after = unsent_after
         # Pending rows the broker did not hold at the last look; failed when still missing at the next.
         self._unsent_suspects: set[str] = set()
+        #: What each worker announced it serves (koubou.celery.announce_served_types), last read.
+        self._worker_types: dict[str, str] = {}
         self._next_unsent_look = 0.0
         self.started = time.monotonic()
         self.events: queue.Queue[Event] = queue.Queue()
@@ -146,6 +150,7 @@ class Mirror:
                 self.apply(batch)
             if time.monotonic() >= next_reconcile:
                 self._guarded(self.reconcile)
+                self._guarded(self.label_workers)
                 self._guarded(self.age_queued)
                 self._guarded(self.fail_unsent)
                 # Heartbeats only count once the receiver had time to hear them.
@@ -324,7 +329,7 @@ class Mirror:
             row = WorkerRow(
                 online_since=_when(stamp),
                 worker_id=worker_id,
-                worker_type="celery",
+                worker_type=self._worker_types.get(worker_id, UNKNOWN_WORKER_TYPE),
                 status=WorkerStatus.IDLE.value,
                 tasks_completed=0,
                 tasks_failed=0,
@@ -375,6 +380,21 @@ class Mirror:
         active = int(event.get("active") or 0)
         row.active_tasks = active
         row.status = (WorkerStatus.BUSY if active else WorkerStatus.IDLE).value
+
+    def label_workers(self) -> int:
+        """Set `workers.worker_type` to the task types each worker announced it serves; return how many changed."""
+        announced = self.celery.backend.client.hgetall(WORKER_TYPES_KEY)
+        self._worker_types = {key.decode(): value.decode() for key, value in announced.items()}
+        if not self._worker_types:
+            return 0
+        changed = 0
+        with self.sessions.begin() as session:
+            rows = session.scalars(select(WorkerRow).where(WorkerRow.worker_id.in_(self._worker_types))).all()
+            for row in rows:
+                if row.worker_type != self._worker_types[row.worker_id]:
+                    row.worker_type = self._worker_types[row.worker_id]
+                    changed += 1
+        return changed
 
     def recount(self) -> None:
         """Derive every worker's counters from task_master once (at start): from then on each task

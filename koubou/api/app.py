@@ -216,7 +216,7 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
             rows = session.scalars(select(WorkerRow).order_by(WorkerRow.worker_id)).all()
         workers = [
             WorkerInfo(
-                worker_id=row.worker_id, status=row.status, model_name=row.model_name,
+                worker_id=row.worker_id, worker_type=row.worker_type, status=row.status, model_name=row.model_name,
                 tasks_completed=row.tasks_completed, tasks_failed=row.tasks_failed,
                 active_tasks=row.active_tasks, last_heartbeat=iso(row.last_heartbeat),
             )  # fmt: skip

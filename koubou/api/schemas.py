@@ -137,6 +137,8 @@ class TaskListResponse(BaseModel):
 
 class WorkerInfo(BaseModel):
     worker_id: str
+    #: The task types it serves (`general+code`, `code`, ...); `celery` when it never said.
+    worker_type: str | None = None
     status: str
     model_name: str | None = None
     tasks_completed: int

@@ -205,6 +205,8 @@ def test_worker_rows_reflect_the_worker(system: System) -> None:
     assert row["tasks_completed"] > 0 and row["tasks_failed"] > 0
     heartbeat = datetime.fromisoformat(row["last_heartbeat"])
     assert datetime.utcnow() - heartbeat < timedelta(seconds=15)  # noqa: DTZ003 (stored as naive UTC)
+    # A worker with the default KOUBOU_WORKER_TYPES serves both task types, and says so.
+    wait_until(lambda: {w["worker_id"]: w["worker_type"] for w in http("GET", f"{system.api}/workers")[1]["workers"]}.get(workers[0]) == "general+code", 20)
 
 
 def wait_idle(system: System, timeout: float = 60) -> None:

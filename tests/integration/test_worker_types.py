@@ -70,6 +70,12 @@ def test_a_general_worker_never_takes_a_code_task_and_a_code_worker_does(tmp_pat
             # The code worker, idle, takes none of a burst of general tasks.
             burst = [system.delegate(prompt=f"burst {i}", priority=9)[1]["task_id"] for i in range(6)]
             finals = [system.wait_final(task_id, timeout=60) for task_id in burst]
+
+            # `workers.worker_type` says what each serves; the coder has no database, only the broker.
+            def worker_types() -> dict[str, str]:
+                return {r["worker_id"].split("@")[0]: r["worker_type"] for r in system.sql("SELECT worker_id, worker_type FROM workers")}
+
+            wait_until(lambda: worker_types() == {"celery": "general", "coder": "code"}, 20)
         finally:
             if coder is not None:
                 stop_worker(coder)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from koubou.db.models import SystemLogRow, TaskRow, WorkerRow
 from koubou.db.session import make_engine, make_session_factory, utcnow
 from koubou.jobs import DelegationFailed
+from koubou.constants import WORKER_TYPES_KEY
 from koubou.mirror import Mirror
 
 WORKER = "celery@box"
@@ -315,3 +316,20 @@ def test_a_row_missing_only_once_is_not_failed(sessions, store) -> None:
     held.clear()
     assert mirror.fail_unsent() == 0  # suspected anew, not failed on a stale suspicion
     assert row(sessions, "moving").status == "pending"
+
+
+def test_worker_rows_show_the_task_types_their_workers_announced(sessions, store) -> None:
+    import fakeredis
+
+    store.client = fakeredis.FakeRedis()
+    mirror = Mirror(SimpleNamespace(backend=store), sessions)  # type: ignore[arg-type]
+    mirror.apply([event("worker-online", pid=1), event("worker-online", pid=2, hostname="coder@gpu")])
+    assert mirror.label_workers() == 0 and counters(sessions) == (0, 0)  # nothing announced: stays "celery"
+    store.client.hset(WORKER_TYPES_KEY, mapping={WORKER: "general+code", "coder@gpu": "code"})
+    assert mirror.label_workers() == 2 and mirror.label_workers() == 0
+    mirror.apply([event("worker-online", pid=3, hostname="late@box")])
+    store.client.hset(WORKER_TYPES_KEY, "late@box", "general")
+    mirror.label_workers()
+    with sessions() as session:
+        types = {row.worker_id: row.worker_type for row in session.query(WorkerRow)}
+    assert types == {WORKER: "general+code", "coder@gpu": "code", "late@box": "general"}

@@ -14,6 +14,8 @@ from koubou.constants import (
     TaskType,
     queue_for_priority,
     queues_for_types,
+    types_of_queues,
+    worker_type_label,
 )
 
 
@@ -84,3 +86,10 @@ def test_a_worker_reads_the_queues_of_its_types_unless_told_otherwise(monkeypatc
     assert worker_queues(monkeypatch, "code", exclude_queues=["koubou.3-low.code"]) == [
         "koubou.1-urgent.code", "koubou.2-normal.code"]
     assert worker_queues(monkeypatch, None, exclude_queues=["koubou.3-low"]) == sorted(set(QUEUES) - {"koubou.3-low"})
+
+
+def test_a_worker_type_names_the_task_types_of_the_queues_it_consumes() -> None:
+    assert worker_type_label(types_of_queues(QUEUES)) == "general+code"
+    assert worker_type_label(types_of_queues(queues_for_types(["code"]))) == "code"
+    assert worker_type_label(types_of_queues(["koubou.1-urgent"])) == "general"  # -Q with one queue
+    assert worker_type_label(types_of_queues(["someone.elses"])) == "none"
