@@ -203,3 +203,23 @@ def make_system(home: Path, **env: str) -> System:
     }
     full_env = clean_env(KOUBOU_HOME=str(home), **{**ports, **env})
     return System(home=home, env=full_env, api_port=api_port, flower_port=flower_port, redis_port=redis_port)
+
+
+def start_worker(system: System, home: Path, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    """A plain `celery -A koubou worker` as an extra machine runs it: the broker URL, its own
+    KOUBOU_HOME (no database) and what `env` adds; named `name@host`, logging to `<home>.log`."""
+    full_env = clean_env(KOUBOU_BROKER_URL=f"redis://127.0.0.1:{system.redis_port}/0", KOUBOU_HOME=str(home), **env)
+    argv = [sys.executable, "-m", "celery", "-A", "koubou", "worker", "-n", f"{name}@%h", *args]
+    with open(home.with_name(home.name + ".log"), "wb") as log:
+        return subprocess.Popen(argv, cwd=home.parent, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+
+
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown of a worker started by start_worker (its process group, by PID), then a kill if it hangs."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -4,8 +4,6 @@ import base64
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes.llm_server import FakeLLMServer, fake_answer, fake_prompt_tokens
-from tests.harness import System, clean_env, http
+from tests.harness import System, http, start_worker, stop_worker
 from tests.integration.conftest import SLOW_MODEL
 
 
@@ -237,18 +235,9 @@ def test_an_extra_worker_with_only_the_broker_url_joins_the_cluster(
     system: System, ollama_fake: FakeLLMServer, tmp_path: Path
 ) -> None:
     home = tmp_path / "extra-home"
-    env = clean_env(
-        KOUBOU_BROKER_URL=f"redis://127.0.0.1:{system.redis_port}/0",
-        OLLAMA_HOST=ollama_fake.url,
-        KOUBOU_HOME=str(home),
-        # A database it cannot open: a worker must never touch the database.
-        KOUBOU_DATABASE_URL="postgresql://nobody@192.0.2.1:1/none",
-    )
-    with open(tmp_path / "extra.log", "wb") as log:
-        extra = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "koubou", "worker", "-n", "extra@%h", "-c", "1"],
-            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    # A database it cannot open: a worker must never touch the database.
+    extra = start_worker(system, home, "extra", "-c", "1", OLLAMA_HOST=ollama_fake.url,
+                         KOUBOU_DATABASE_URL="postgresql://nobody@192.0.2.1:1/none")  # fmt: skip
     try:
         wait_until(lambda: any(w.startswith("extra@") for w in http("GET", f"{system.api}/health")[1]["workers"]), 60)
         ollama_fake.set_latency(0.3)
@@ -264,8 +253,7 @@ def test_an_extra_worker_with_only_the_broker_url_joins_the_cluster(
         assert row["assigned_worker_type"].startswith("extra@")
         wait_until(lambda: system.sql("SELECT 1 FROM workers WHERE worker_id LIKE 'extra@%'"), 20)
     finally:
-        os.killpg(extra.pid, signal.SIGTERM)
-        extra.wait(timeout=30)
+        stop_worker(extra)
     assert not (home / "db" / "koubou.db").exists()
     wait_until(lambda: system.sql("SELECT status FROM workers WHERE worker_id LIKE 'extra@%'")[0]["status"] == "offline", 30)
 

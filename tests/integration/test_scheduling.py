@@ -1,13 +1,9 @@
 """Backend capacity: slots are enforced cluster-wide, so a backend never sees more than it serves."""
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.fakes.llm_server import FakeLLMServer
-from tests.harness import clean_env, make_system
+from tests.harness import make_system, start_worker, stop_worker
 from tests.integration.test_pipeline import wait_until
 
 
@@ -17,20 +13,13 @@ def test_two_workers_never_send_a_backend_more_than_its_slots(tmp_path: Path) ->
         (tmp_path / "home").mkdir()
         system = make_system(tmp_path / "home", OLLAMA_HOST=fake.url, KOUBOU_DEFAULT_MODEL="fake-model:1b",
                              KOUBOU_OLLAMA_SLOTS="2", KOUBOU_WORKER_AUTOSCALE="3,3").start()  # fmt: skip
-        env = clean_env(KOUBOU_BROKER_URL=f"redis://127.0.0.1:{system.redis_port}/0", OLLAMA_HOST=fake.url,
-                        KOUBOU_OLLAMA_SLOTS="2", KOUBOU_HOME=str(tmp_path / "second"))  # fmt: skip
-        with open(tmp_path / "second.log", "wb") as log:
-            second = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "koubou", "worker", "-n", "second@%h", "-c", "3"],
-                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+        second = start_worker(system, tmp_path / "second", "second", "-c", "3", OLLAMA_HOST=fake.url, KOUBOU_OLLAMA_SLOTS="2")
         try:
             wait_until(lambda: any(r["worker_id"].startswith("second@") for r in system.sql("SELECT worker_id FROM workers")), 60)
             ids = [system.delegate(prompt=f"capacity {i}", options={"timeout": 60})[1]["task_id"] for i in range(16)]
             finals = [system.wait_final(task_id, timeout=90) for task_id in ids]
         finally:
-            os.killpg(second.pid, signal.SIGTERM)
-            second.wait(timeout=30)
+            stop_worker(second)
             survivors = system.stop()
         assert not survivors
         assert all(final["status"] == "completed" for final in finals), finals

@@ -1,14 +1,11 @@
 """Workers limited to task types: code tasks reach only workers that serve `code`, priority stays strict."""
 
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from tests.codex_cli import codex_cli
 from tests.fakes.llm_server import FakeLLMServer
-from tests.harness import System, clean_env, http, make_system
+from tests.harness import System, http, make_system, start_worker, stop_worker
 from tests.integration.test_pipeline import wait_until
 
 MODEL = "fake-model:1b"
@@ -20,24 +17,10 @@ def queue_depths(system: System) -> dict[str, int]:
     return body["queues"]
 
 
-def start_worker(system: System, fake: FakeLLMServer, tmp_path: Path, name: str, **env: str) -> subprocess.Popen[bytes]:
-    """A plain `celery -A koubou worker` on another 'machine': only the broker URL and a backend."""
-    full_env = clean_env(KOUBOU_BROKER_URL=f"redis://127.0.0.1:{system.redis_port}/0", OLLAMA_HOST=fake.url,
-                         KOUBOU_HOME=str(tmp_path / f"{name}-home"), KOUBOU_CODEX_BIN=str(codex_cli()), **env)  # fmt: skip
-    with open(tmp_path / f"{name}.log", "wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "koubou", "worker", "-n", f"{name}@%h", "-c", "1"],
-            cwd=tmp_path, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-
-def stop_worker(process: subprocess.Popen[bytes]) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+def start_code_capable_worker(system: System, fake: FakeLLMServer, tmp_path: Path, name: str, **env: str) -> subprocess.Popen[bytes]:
+    """An extra worker that can run Codex: the broker URL, a backend and the Codex CLI."""
+    return start_worker(system, tmp_path / f"{name}-home", name, "-c", "1", OLLAMA_HOST=fake.url,
+                        KOUBOU_CODEX_BIN=str(codex_cli()), **env)  # fmt: skip
 
 
 def test_a_general_worker_never_takes_a_code_task_and_a_code_worker_does(tmp_path: Path) -> None:
@@ -60,7 +43,7 @@ def test_a_general_worker_never_takes_a_code_task_and_a_code_worker_does(tmp_pat
             aged = system.sql("SELECT details FROM system_logs WHERE component = 'scheduler'")
             assert sum(code_task in row["details"] for row in aged) >= 2  # low -> normal -> urgent
 
-            coder = start_worker(system, fake, tmp_path, "coder", KOUBOU_WORKER_TYPES="code")
+            coder = start_code_capable_worker(system, fake, tmp_path, "coder", KOUBOU_WORKER_TYPES="code")
             final = system.wait_final(code_task, timeout=90)
             assert final["status"] == "completed", final
             assert final["result"]["worker"].startswith("coder@")
@@ -83,8 +66,8 @@ def test_a_general_worker_never_takes_a_code_task_and_a_code_worker_does(tmp_pat
     assert not survivors
     assert all(f["status"] == "completed" for f in finals), finals
     assert {f["result"]["worker"].split("@")[0] for f in finals} == {"celery"}
-    assert "koubou.1-urgent.code" in (tmp_path / "coder.log").read_text()  # its banner names its queues
-    assert "koubou.1-urgent " not in (tmp_path / "coder.log").read_text()
+    assert "koubou.1-urgent.code" in (tmp_path / "coder-home.log").read_text()  # its banner names its queues
+    assert "koubou.1-urgent " not in (tmp_path / "coder-home.log").read_text()
 
 
 def test_priority_stays_strict_across_task_types(tmp_path: Path) -> None:
