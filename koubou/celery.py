@@ -1,8 +1,7 @@
 """The Celery app; `celery -A koubou worker` finds it here."""
 
-from typing import Any
-
 import logging
+from typing import Any
 
 import redis
 from celery import Celery

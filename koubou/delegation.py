@@ -206,7 +206,8 @@ class Delegation:
             if remaining <= SLOT_WAIT_MIN:
                 names = ", ".join(backend.name for backend, _ in candidates)
                 raise BackendTimeout(f"timed out waiting for a free slot on {names}")
-            self._check_cancel(force=True)
+            if not self._lease_checks_cancel:  # else the lease script has just read the flag
+                self._check_cancel(force=True)
             # Woken the moment a lease on one of them is given back; the bound covers leases that
             # expire instead (a dead worker's) and keeps looking at the cancel flag.
             try:

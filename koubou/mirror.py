@@ -108,9 +108,9 @@ class Mirror:
         self.unsent_after = unsent_after
         # Pending rows the broker did not hold at the last look; failed when still missing at the next.
         self._unsent_suspects: set[str] = set()
+        self._next_unsent_look = 0.0
         #: What each worker announced it serves (koubou.celery.announce_served_types), last read.
         self._worker_types: dict[str, str] = {}
-        self._next_unsent_look = 0.0
         self.started = time.monotonic()
         self.events: queue.Queue[Event] = queue.Queue()
         self.stopping = threading.Event()

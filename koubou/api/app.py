@@ -40,7 +40,6 @@ from .context import ApiContext, APIError
 from .health import backend_reports, health_report, queue_depths
 from .operations import (
     cancel_task,
-    describe,
     effective_status,
     get_status,
     iso,
@@ -200,7 +199,8 @@ def _register_routes(app: Flask, spec: SpecTree, ctx: ApiContext) -> None:
     @app.get("/tasks")
     @spec.validate(query=TaskListQuery, resp=SpecResponse(HTTP_200=TaskListResponse, HTTP_400=ErrorResponse), skip_validation=True)
     def list_tasks() -> Response:
-        """Recent tasks, newest first; `status` filters, `limit` bounds (1-200, default 20)."""
+        """Recent tasks, newest first; `status` filters (by the status GET /task/<id>/status gives),
+        `limit` bounds (1-200, default 20)."""
         try:
             query = TaskListQuery.model_validate(request.args.to_dict())
         except ValidationError as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
@@ -210,12 +211,15 @@ def backend_view(ctx: ApiContext, task_id: str) -> BackendView | None:
     return read_view(ctx.celery, task_id)
 
 
-def effective_status(ctx: ApiContext, row: TaskRow) -> tuple[TaskStatus, BackendView | None]:
-    """The row's status, or the result backend's when the mirror has not caught up."""
+def effective_status(
+    ctx: ApiContext, row: TaskRow, views: Mapping[str, BackendView] | None = None
+) -> tuple[TaskStatus, BackendView | None]:
+    """The row's status, or the result backend's when the mirror has not caught up (`views`: the
+    backend's states already read for a page of rows)."""
     status = TaskStatus(row.status)
     if status.is_final:
         return status, None
-    view = backend_view(ctx, row.task_id)
+    view = views.get(row.task_id) if views is not None else backend_view(ctx, row.task_id)
     if view is not None and (view.status.is_final or status == TaskStatus.PENDING):
         return view.status, view
     return status, None
@@ -233,7 +237,7 @@ def cancel_task(ctx: ApiContext, task_id: str) -> TaskStatus:
     # queued message and SIGUSR1 interrupts a blocking backend call, which then reads the flag.
     ctx.celery.backend.client.set(cancel_key(task_id), "1", ex=ctx.settings.max_task_time * 2 + 60)
     with ctx.sessions.begin() as session:
-        session.execute(insert(AgentCommunicationRow.__table__), _communication(task_id, "cancel", {"status_then": status.value}))
+        session.execute(_INSERT_ASKED, _communication(task_id, "cancel", {"status_then": status.value}))
     ctx.celery.control.revoke(task_id, terminate=True, signal="SIGUSR1")
     if status == TaskStatus.PENDING:
         with ctx.sessions.begin() as session:
@@ -265,8 +269,8 @@ def get_status(ctx: ApiContext, task_id: str) -> TaskStatusResponse:
     return describe(ctx, row)
 
 
-def describe(ctx: ApiContext, row: TaskRow) -> TaskStatusResponse:
-    status, view = effective_status(ctx, row)
+def describe(ctx: ApiContext, row: TaskRow, views: Mapping[str, BackendView] | None = None) -> TaskStatusResponse:
+    status, view = effective_status(ctx, row, views)
     result, worker = row.result, row.assigned_worker_type
     if view is not None:  # the mirror lags behind; the result backend is where it catches up from
         result, worker = view.result or result, view.worker or worker
@@ -300,18 +304,22 @@ def recent_tasks(ctx: ApiContext, wanted: TaskStatus | None, limit: int) -> list
     statement = select(TaskRow).order_by(TaskRow.created_at.desc()).limit(limit)
     if wanted is not None:
         statement = statement.where(TaskRow.status == wanted.value)
+    lagging: list[TaskRow] = []
     with ctx.sessions() as session:
         rows = list(session.scalars(statement).all())
         if wanted is not None and wanted.is_final:
-            lagging = session.scalars(
-                select(TaskRow)
-                .where(TaskRow.status.in_((TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value)))
-                .order_by(TaskRow.created_at)
-                .limit(LAGGING_ROWS_LOOKED_AT)
-            ).all()
-            views = read_views(ctx.celery, [row.task_id for row in lagging])
-            rows += [row for row in lagging if (view := views.get(row.task_id)) and view.status == wanted]
-    described = [describe(ctx, row) for row in rows]
+            lagging = list(
+                session.scalars(
+                    select(TaskRow)
+                    .where(TaskRow.status.in_((TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value)))
+                    .order_by(TaskRow.created_at)
+                    .limit(LAGGING_ROWS_LOOKED_AT)
+                ).all()
+            )
+    # The backend's states of every row not final yet, in one MGET rather than a GET per row.
+    views = read_views(ctx.celery, [row.task_id for row in rows + lagging if not TaskStatus(row.status).is_final])
+    rows += [row for row in lagging if (view := views.get(row.task_id)) and view.status == wanted]
+    described = [describe(ctx, row, views) for row in rows]
     if wanted is not None:
         described = [task for task in described if task.status == wanted]
     described.sort(key=lambda task: task.created_at, reverse=True)

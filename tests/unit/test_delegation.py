@@ -129,6 +129,17 @@ def test_the_lease_script_sees_a_cancel_flag_and_takes_no_slot(first: FakeLLMSer
     assert not asked  # the flag was read by the lease script, not by a separate look
 
 
+def test_a_cancel_while_waiting_for_a_slot_is_seen_by_the_next_lease_attempt(first: FakeLLMServer) -> None:
+    client = fakeredis.FakeRedis()
+    leases, backend = SlotLeases(client), OllamaBackend(first.url)
+    assert leases.acquire(backend.name, 1, 60)  # another worker's call holds the only slot
+    threading.Timer(0.3, client.set, args=("cancel:t", 1)).start()
+    began = time.monotonic()
+    run = Delegation(job(), Router([backend], {backend.name: 1}), FAST, leases=leases, cancel_flag="cancel:t")
+    assert failure(run)["error_type"] == "Cancelled"
+    assert time.monotonic() - began < 2 and chats(first) == 0
+
+
 def test_the_last_live_output_goes_with_the_lease_release_in_one_pipeline(first: FakeLLMServer) -> None:
     client = fakeredis.FakeRedis()
     publisher = TokenPublisher(client, "t", clock=lambda: 0.0)  # never flushes on time: all left for the end
