@@ -1,5 +1,7 @@
 """Celery settings for koubou, derived from koubou's one settings object (koubou.config)."""
 
+from urllib.parse import urlsplit
+
 from kombu import Exchange, Queue
 
 from koubou.config import get_settings
@@ -8,6 +10,10 @@ from koubou.constants import DEFAULT_QUEUE, DELEGATE_TASK, QUEUES
 _settings = get_settings()
 
 broker_url = _settings.broker
+if urlsplit(broker_url).scheme == "redis":
+    # kombu's Redis transport, one client per channel instead of one per command (koubou.transport);
+    # rediss:// keeps kombu's own, which derives its TLS defaults from that scheme name.
+    broker_transport = "koubou.transport:Transport"
 # koubou.results.ResultBackend: Celery's Redis backend on the same URL, without a per-task subscription.
 result_backend = f"koubou.results:ResultBackend+{_settings.result_backend}"
 broker_connection_retry_on_startup = True
