@@ -173,8 +173,8 @@ def cmd_api(_: argparse.Namespace) -> int:
         # gunicorn touches a heartbeat file per request; in memory that costs nothing.
         *(["--worker-tmp-dir", "/dev/shm"] if os.access("/dev/shm", os.W_OK) else []),
         "--access-logfile", "-",
-        # No %(u)s: gunicorn would decode a Basic-auth user name, and a client could put a token there.
-        "--access-logformat", '%(h)s %(l)s - %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"',
+        # Apache's combined line without the user, written for a fraction of gunicorn's own cost.
+        "--logger-class", "koubou.api.access_log.AccessLogger",
         "koubou.api.app:create_app()",
     ]  # fmt: skip
     run()

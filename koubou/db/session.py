@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Base
@@ -26,9 +28,27 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, pool_pre_ping=not is_sqlite)
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
-    Base.metadata.create_all(engine)
-    _add_missing_columns(engine)
+    _create_schema(engine)
     return engine
+
+
+#: Tries at creating the schema: processes that start together on a new database race to create it.
+SCHEMA_TRIES = 3
+
+
+def _create_schema(engine: Engine) -> None:
+    """Create missing tables and columns. The API's gunicorn workers and the mirror may start on a new
+    database at once: a process that loses the race to create a table (it checked, then another made
+    it) sees "already exists", and looks again."""
+    for attempt in range(1, SCHEMA_TRIES + 1):
+        try:
+            Base.metadata.create_all(engine)
+            _add_missing_columns(engine)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError):
+            if attempt == SCHEMA_TRIES:
+                raise
+            time.sleep(0.1 * attempt)
 
 
 def _add_missing_columns(engine: Engine) -> None:

@@ -1,6 +1,9 @@
 import sqlite3
 from pathlib import Path
 
+from sqlalchemy import create_engine, text
+
+from koubou.db.models import Base
 from koubou.db.session import make_engine
 
 
@@ -19,3 +22,24 @@ def test_a_database_from_an_older_koubou_gets_the_new_columns(tmp_path: Path) ->
         kept = upgraded.execute("SELECT task_id, status FROM task_master").fetchall()
     assert {"agent_id", "started_at", "completed_at", "last_event_at"} <= columns
     assert kept == [("t", "completed")]
+
+
+def test_a_process_that_loses_the_race_to_create_the_tables_starts_anyway(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The API's gunicorn workers and the mirror start together on a new database: one checks that a
+    # table is missing, another creates it, and the first one's CREATE TABLE meets "already exists".
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    real_create_all = Base.metadata.create_all
+    raced: list[bool] = []
+
+    def create_all_after_a_rival(bind, **kwargs):  # type: ignore[no-untyped-def]
+        if not raced:
+            raced.append(True)
+            real_create_all(create_engine(url))  # the rival process
+            return real_create_all(bind, checkfirst=False)  # ours had checked before the rival's CREATE
+        return real_create_all(bind, **kwargs)
+
+    monkeypatch.setattr(Base.metadata, "create_all", create_all_after_a_rival)
+    engine = make_engine(url)
+    assert raced
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM task_master")).scalar() == 0
