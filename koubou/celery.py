@@ -5,7 +5,7 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import celeryd_init, worker_ready
+from celery.signals import after_setup_logger, celeryd_init, worker_ready
 
 from .config import get_settings
 from .constants import WORKER_TYPES_KEY, queues_for_types, types_of_queues, worker_type_label
@@ -41,3 +41,12 @@ def announce_served_types(sender: Any, **_: Any) -> None:
         sender.app.backend.client.hset(WORKER_TYPES_KEY, sender.hostname, label)
     except redis.RedisError:
         log.warning("could not record that %s serves %s tasks", sender.hostname, label, exc_info=True)
+
+
+@after_setup_logger.connect
+def quiet_http_client(**_: Any) -> None:
+    """No line per backend call from the HTTP clients (INFO "HTTP Request: POST ..." from httpx, and from
+    httpx2 under the openai SDK): the task's own lines say what ran and how it ended, and at
+    --loglevel=INFO every call wrote one more line, at a CPU cost."""
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -54,6 +54,16 @@ def test_sync_delegation_returns_the_answer_and_mirrors_the_row(system: System) 
     assert prompt not in asked[0]["content"]  # stored once, in task_master.content
 
 
+def test_the_worker_log_has_a_line_as_a_task_arrives_and_one_as_it_ends_no_more(system: System) -> None:
+    code, body = system.delegate(prompt="log lines", sync=True, options={"timeout": 30})
+    assert code == 200 and body["status"] == "completed", body
+    worker_log = system.home / "logs" / "workers" / "worker.log"
+    wait_until(lambda: f"{body['task_id']}] succeeded" in worker_log.read_text(errors="replace"), 10)
+    lines = [line for line in worker_log.read_text(errors="replace").splitlines() if body["task_id"] in line]
+    assert len(lines) == 2 and "received" in lines[0] and "succeeded" in lines[1], lines
+    assert "HTTP Request:" not in worker_log.read_text(errors="replace")  # httpx's line per backend call
+
+
 def test_status_alias_path_answers_the_same(system: System) -> None:
     code, body = system.delegate(prompt="alias check", sync=True)
     assert code == 200
