@@ -34,6 +34,20 @@ def progress_key(task_id: str) -> str:
     return f"koubou:progress:{task_id}"
 
 
+#: One flush of live output as one command (it rides with the result or a lease's release, whose
+#: round trip it shares; six commands were six to encode, send and append to the broker's log).
+#: KEYS: the stream, the progress hash. ARGV: text, pieces, now, the stream's max length, the keys' TTL.
+#: EVAL, not EVALSHA: a broker that restarted and forgot the script cannot make a flush fail.
+_FLUSH = """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'text', ARGV[1], 'n', ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'tokens', ARGV[2])
+redis.call('HSETNX', KEYS[2], 'first_at', ARGV[3])
+redis.call('HSET', KEYS[2], 'last_at', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+"""
+
+
 class TokenPublisher:
     """Worker side: batches streamed pieces and appends them to the task's stream."""
 
@@ -72,12 +86,8 @@ class TokenPublisher:
         now = self.clock()
         text, pieces = "".join(self._parts), self._pieces
         self._parts, self._pieces, self._size, self._last_flush = [], 0, 0, now
-        pipe.xadd(stream_key(self.task_id), {"text": text, "n": pieces}, maxlen=STREAM_MAXLEN, approximate=True)
-        pipe.hincrby(progress_key(self.task_id), "tokens", pieces)
-        pipe.hsetnx(progress_key(self.task_id), "first_at", now)
-        pipe.hset(progress_key(self.task_id), "last_at", now)
-        pipe.expire(stream_key(self.task_id), KEY_TTL)
-        pipe.expire(progress_key(self.task_id), KEY_TTL)
+        keys = (stream_key(self.task_id), progress_key(self.task_id))
+        pipe.eval(_FLUSH, len(keys), *keys, text, pieces, repr(now), STREAM_MAXLEN, KEY_TTL)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,12 @@ def get_codex_runner() -> CodexRunner:
     return CodexRunner(CodexSetup.from_settings(get_settings()))
 
 
+@lru_cache(maxsize=1)
+def get_leases() -> SlotLeases:
+    """One lease keeper per worker process (it registers its script once, not per task)."""
+    return SlotLeases(app.backend.client)
+
+
 def retry_policy() -> RetryPolicy:
     settings = get_settings()
     return RetryPolicy(settings.retry_max, settings.retry_window, settings.retry_base_delay)
@@ -88,7 +94,7 @@ def delegate(self, job: dict) -> dict:  # type: ignore[no-untyped-def]
         self.request.hostname,
         is_cancelled=lambda: cancel_requested(parsed.task_id),
         on_text=publish,
-        leases=SlotLeases(app.backend.client),
+        leases=get_leases(),
         interruptible=_interruptible,
         codex=get_codex_runner(),
         cancel_flag=cancel_key(parsed.task_id),

@@ -13,7 +13,7 @@ from koubou.backends.openai import OpenAIBackend
 from koubou.delegation import Delegation, RetryPolicy
 from koubou.jobs import DelegationFailed, DelegationJob
 from koubou.routing import Router
-from koubou.slots import SlotLeases
+from koubou.slots import SlotLeases, released_key
 from koubou.streaming import TokenPublisher, stream_key
 from tests.fakes.llm_server import FakeLLMServer, fake_answer
 from tests.harness import free_port
@@ -156,7 +156,8 @@ def test_the_last_live_output_goes_with_the_lease_release_in_one_pipeline(first:
                          is_cancelled=lambda: asked.append(True) or False).run()  # fmt: skip
     assert outcome.success and leases.in_use(backend.name) == 0
     assert not asked  # a short call needs no look at the flag beyond the lease script's
-    assert sent and sent[0][0] == "ZREM" and "XADD" in sent[0]
+    assert sent == [["EVAL", "EVAL"]]  # the release and the flush, one command each, one round trip
+    assert client.llen(released_key(backend.name)) == 1  # the release left a wake-up for a waiting worker
     streamed = "".join(fields[b"text"].decode() for _, fields in client.xrange(stream_key("t")))
     assert streamed == outcome.output
 
