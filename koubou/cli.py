@@ -170,6 +170,9 @@ def cmd_api(_: argparse.Namespace) -> int:
         "--threads", str(settings.api_threads),
         "--timeout", "0",
         "--graceful-timeout", "5",
+        # gunicorn 25+ would open a control socket in ~/.gunicorn/, one path for every gunicorn of the
+        # user: a second koubou would take over the first one's. koubou supervises the API by PID.
+        "--no-control-socket",
         # gunicorn touches a heartbeat file per request; in memory that costs nothing.
         *(["--worker-tmp-dir", "/dev/shm"] if os.access("/dev/shm", os.W_OK) else []),
         "--access-logfile", "-",

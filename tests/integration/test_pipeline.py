@@ -64,6 +64,11 @@ def test_the_worker_log_has_a_line_as_a_task_arrives_and_one_as_it_ends_no_more(
     assert "HTTP Request:" not in worker_log.read_text(errors="replace")  # httpx's line per backend call
 
 
+def test_the_api_opens_no_control_socket_shared_with_other_gunicorns(system: System) -> None:
+    api_log = (system.home / "logs" / "system" / "api.log").read_text(errors="replace")
+    assert "Booting worker" in api_log and "Control socket" not in api_log
+
+
 def test_status_alias_path_answers_the_same(system: System) -> None:
     code, body = system.delegate(prompt="alias check", sync=True)
     assert code == 200
