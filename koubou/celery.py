@@ -44,9 +44,12 @@ def announce_served_types(sender: Any, **_: Any) -> None:
 
 
 @after_setup_logger.connect
-def quiet_http_client(**_: Any) -> None:
+def quiet_http_client(loglevel: int | str | None = None, **_: Any) -> None:
     """No line per backend call from the HTTP clients (INFO "HTTP Request: POST ..." from httpx, and from
     httpx2 under the openai SDK): the task's own lines say what ran and how it ended, and at
-    --loglevel=INFO every call wrote one more line, at a CPU cost."""
+    --loglevel=INFO every call wrote one more line, at a CPU cost. At DEBUG they stay."""
+    level = logging.getLevelName(loglevel.upper()) if isinstance(loglevel, str) else loglevel
+    if isinstance(level, int) and level <= logging.DEBUG:
+        return
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -18,8 +18,16 @@ from gunicorn import glogging
 LINE = '%s - - %s "%s %s %s" %s %s "%s" "%s"'
 
 
+def _quoted(value: Any) -> Any:
+    """As gunicorn escapes a field: a client's `"` must not end a quoted field and forge the next."""
+    return value.replace('"', '\\"') if isinstance(value, str) else value
+
+
 class AccessLogger(glogging.Logger):
-    """gunicorn's logger (`--logger-class`) with a cheaper access line; the rest is gunicorn's."""
+    """gunicorn's logger (`--logger-class`) with a cheaper access line; the rest is gunicorn's.
+
+    The line is fixed: an `--access-logformat` (say in GUNICORN_CMD_ARGS) does not change it.
+    """
 
     _stamp_second = -1
     _stamp = ""
@@ -33,15 +41,15 @@ class AccessLogger(glogging.Logger):
         sent = getattr(resp, "sent", None)
         self.access_log.info(
             LINE,
-            environ.get("REMOTE_ADDR", "-"),
+            _quoted(environ.get("REMOTE_ADDR", "-")),
             self._now(),
-            environ["REQUEST_METHOD"],
-            environ["RAW_URI"],
-            environ["SERVER_PROTOCOL"],
-            status,
+            _quoted(environ["REQUEST_METHOD"]),
+            _quoted(environ["RAW_URI"]),
+            _quoted(environ["SERVER_PROTOCOL"]),
+            _quoted(status),
             "-" if sent is None else sent,
-            environ.get("HTTP_REFERER", "-"),
-            environ.get("HTTP_USER_AGENT", "-"),
+            _quoted(environ.get("HTTP_REFERER", "-")),
+            _quoted(environ.get("HTTP_USER_AGENT", "-")),
         )
 
     def _now(self) -> str:

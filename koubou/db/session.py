@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,6 +13,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Base
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -45,10 +48,18 @@ def _create_schema(engine: Engine) -> None:
             Base.metadata.create_all(engine)
             _add_missing_columns(engine)
             return
-        except (OperationalError, ProgrammingError, IntegrityError):
-            if attempt == SCHEMA_TRIES:
+        except (OperationalError, ProgrammingError, IntegrityError) as error:
+            if attempt == SCHEMA_TRIES or not _lost_a_race(error):
                 raise
+            log.info("another process created part of the schema at the same time; looking again (%s)", error.orig)
             time.sleep(0.1 * attempt)
+
+
+def _lost_a_race(error: Exception) -> bool:
+    """True for "already exists" (SQLite, PostgreSQL), "duplicate column" (SQLite) and "duplicate key"
+    (PostgreSQL's catalog, when two CREATE TABLEs of one name meet): another process made it first."""
+    text = str(getattr(error, "orig", error)).lower()
+    return "already exists" in text or "duplicate" in text
 
 
 def _add_missing_columns(engine: Engine) -> None:

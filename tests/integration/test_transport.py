@@ -78,3 +78,16 @@ def test_celery_uses_it_for_redis_urls_only(url: str, transport: str, tmp_path: 
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ("koubou.transport:Transport" if transport == "Transport" else "None")
+
+
+def test_a_channel_whose_pool_was_replaced_gets_a_client_on_the_new_pool(broker_url: str) -> None:
+    # kombu drops a channel's pools when it reconnects (Channel._disconnect_pools); the kept client
+    # must not go on borrowing from the old one.
+    with Connection(broker_url, transport=Transport) as connection:
+        channel = connection.default_channel
+        first = channel._create_client()
+        assert channel._create_client() is first and first.connection_pool is channel.pool
+        channel._disconnect_pools()
+        second = channel._create_client()
+        assert second is not first and second.connection_pool is channel.pool
+        assert second.ping()

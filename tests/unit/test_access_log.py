@@ -27,20 +27,22 @@ def logged_line(logger: glogging.Logger, environ: dict[str, str], sent: int | No
     return lines[-1]
 
 
-@pytest.mark.parametrize("sent", [83, None])
-def test_the_line_is_gunicorns_combined_line(sent: int | None) -> None:
+@pytest.mark.parametrize(("sent", "agent"), [(83, "claude-code/2.0"), (None, 'evil" "forged')])
+def test_the_line_is_gunicorns_combined_line(sent: int | None, agent: str) -> None:
     config = Config()
     config.set("accesslog", "-")
     config.set("access_log_format", GUNICORN_FORMAT)
     environ = {
         "REMOTE_ADDR": "10.0.0.7", "REQUEST_METHOD": "POST", "RAW_URI": "/task/delegate?x=1",
-        "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_USER_AGENT": "claude-code/2.0", "PATH_INFO": "/task/delegate",
+        "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_USER_AGENT": agent, "PATH_INFO": "/task/delegate",
         "QUERY_STRING": "x=1", "HTTP_AUTHORIZATION": "Basic " + "dG9rZW46c2VjcmV0",  # token:secret
     }  # fmt: skip
     ours = logged_line(AccessLogger(config), environ, sent)
     assert ours == logged_line(glogging.Logger(config), environ, sent)
     assert ours.startswith("10.0.0.7 - - [") and '"POST /task/delegate?x=1 HTTP/1.1" 202' in ours
     assert "token" not in ours and "secret" not in ours
+    if '"' in agent:  # escaped, as gunicorn does: a client's quote cannot end the field and forge another
+        assert ours.endswith('"evil\\" \\"forged"')
 
 
 def test_nothing_is_built_when_the_access_log_is_off() -> None:

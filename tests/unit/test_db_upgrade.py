@@ -1,7 +1,9 @@
 import sqlite3
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from koubou.db.models import Base
 from koubou.db.session import make_engine
@@ -43,3 +45,16 @@ def test_a_process_that_loses_the_race_to_create_the_tables_starts_anyway(tmp_pa
     assert raced
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM task_master")).scalar() == 0
+
+
+def test_a_schema_error_that_is_no_race_is_raised_at_once(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    calls: list[object] = []
+
+    def failing_create_all(bind, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(bind)
+        raise OperationalError("CREATE TABLE task_master ...", {}, sqlite3.OperationalError("disk I/O error"))
+
+    monkeypatch.setattr(Base.metadata, "create_all", failing_create_all)
+    with pytest.raises(OperationalError, match="disk I/O error"):
+        make_engine(f"sqlite:///{tmp_path / 'k.db'}")
+    assert len(calls) == 1
