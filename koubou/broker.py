@@ -41,6 +41,24 @@ def requeue_unacked(app: Celery, task_ids: Iterable[str]) -> set[str]:
     return requeued
 
 
+def delivered_task_ids(app: Celery) -> dict[str, float]:
+    """The tasks delivered to a worker and not yet acknowledged, with when they were delivered (the
+    delivering worker's clock, as kombu's visibility timeout reads it)."""
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        client = channel.client
+        when = {_text(tag): at for tag, at in client.zrange(channel.unacked_index_key, 0, -1, withscores=True)}
+        return {
+            task_id: when.get(_text(tag), 0.0)
+            for tag, raw in client.hscan_iter(channel.unacked_key)
+            if (task_id := _unacked_task_id(raw))
+        }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def unacked_task_ids(app: Celery) -> set[str]:
     """Ids of the tasks delivered to a worker and not yet acknowledged."""
     with app.connection_for_write() as connection:

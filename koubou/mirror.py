@@ -21,7 +21,7 @@ from celery import Celery
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from .broker import held_task_ids, promote, queued_task_ids, requeue_unacked
+from .broker import delivered_task_ids, held_task_ids, promote, queued_task_ids, requeue_unacked
 from .constants import MIRROR_ALIVE_KEY, MIRROR_ALIVE_TTL, WORKER_TYPES_KEY, TaskStatus, WorkerStatus
 from .db.models import SystemLogRow, TaskRow, WorkerRow
 from .db.session import utcnow
@@ -50,6 +50,9 @@ UNKNOWN_WORKER_TYPE = "celery"
 
 #: Seconds a pending row may go without a message in the broker before it is checked as lost.
 UNSENT_AFTER = 30.0
+#: Seconds after its delivery that a pending task's message is checked for a worker still holding it
+#: (well past the worker's event batching and a restarted worker's boot).
+ORPHAN_AFTER = 10.0
 
 
 def _free_slots(app: Celery, task_ids: Iterable[str]) -> int:
@@ -59,6 +62,17 @@ def _free_slots(app: Celery, task_ids: Iterable[str]) -> int:
 def _answering(app: Celery, workers: list[str]) -> set[str]:
     replies = app.control.ping(destination=workers, timeout=1.0) or []
     return {name for reply in replies for name in reply}
+
+
+def _held_by_workers(app: Celery, workers: list[str], task_ids: set[str]) -> set[str] | None:
+    """Which of these tasks the workers hold, running or reserved; None unless every worker answered."""
+    if not workers:
+        return set()
+    inspect = app.control.inspect(destination=workers, timeout=1.0, limit=len(workers))
+    replies = inspect.query_task(*sorted(task_ids)) or {}
+    if not set(workers) <= set(replies):
+        return None
+    return {task_id for reply in replies.values() for task_id in (reply or {})}
 
 
 def _when(timestamp: float | None) -> datetime:
@@ -89,6 +103,9 @@ class Mirror:
         free_slots: Callable[[Celery, Iterable[str]], object] | None = None,
         held: Callable[[Celery], set[str]] = held_task_ids,
         unsent_after: float = UNSENT_AFTER,
+        delivered: Callable[[Celery], dict[str, float]] = delivered_task_ids,
+        held_by_workers: Callable[[Celery, list[str], set[str]], set[str] | None] = _held_by_workers,
+        orphan_after: float = ORPHAN_AFTER,
     ) -> None:
         self.celery = celery
         self.sessions = sessions
@@ -106,6 +123,9 @@ class Mirror:
         self.free_slots = free_slots or _free_slots
         self.held = held
         self.unsent_after = unsent_after
+        self.delivered = delivered
+        self.held_by_workers = held_by_workers
+        self.orphan_after = orphan_after
         # Pending rows the broker did not hold at the last look; failed when still missing at the next.
         self._unsent_suspects: set[str] = set()
         self._next_unsent_look = 0.0
@@ -157,6 +177,7 @@ class Mirror:
                 if time.monotonic() - self.started > self.offline_after * 1.5:
                     self._guarded(self.mark_offline)
                     self._guarded(self.reap)
+                    self._guarded(self.requeue_orphans)
                 self._guarded(self._announce)
                 next_reconcile = time.monotonic() + self.reconcile_interval
         if self._receiver is not None:
@@ -501,6 +522,46 @@ class Mirror:
                                          message=message, task_id=task_id))  # fmt: skip
                 log.warning("reaper: %s", message)
         return len(ids)
+
+    def requeue_orphans(self) -> int:
+        """Requeue delivered messages of pending tasks that no live worker holds.
+
+        A worker sends its task events in batches (koubou.worker_events): killed moments after it
+        took tasks, it takes their `task-received`/`task-started` with it, so their rows stay pending
+        and reap() never sees them, while their messages sit unacknowledged until the visibility
+        timeout (twice the longest task). A message delivered a while ago whose task no live worker
+        reports (running or reserved, asked by broadcast) belonged to a worker that is gone.
+        """
+        cutoff = time.time() - self.orphan_after
+        old = {task_id for task_id, at in self.delivered(self.celery).items() if at < cutoff}
+        if not old:
+            return 0
+        with self.sessions() as session:
+            pending = set(
+                session.scalars(
+                    select(TaskRow.task_id).where(TaskRow.task_id.in_(old), TaskRow.status == TaskStatus.PENDING.value)
+                ).all()
+            )
+            live = list(
+                session.scalars(select(WorkerRow.worker_id).where(WorkerRow.status != WorkerStatus.OFFLINE.value)).all()
+            )
+        if not pending:
+            return 0
+        held = self.held_by_workers(self.celery, live, pending)
+        if held is None:  # a live worker did not answer: it may hold them; look again next time
+            return 0
+        orphans = {t for t in pending - held if not ((v := self._backend_view(t)) and v.status.is_final)}
+        if not orphans:
+            return 0
+        self.free_slots(self.celery, orphans)
+        requeued = self.requeue(self.celery, orphans)
+        with self.sessions.begin() as session:
+            for task_id in sorted(requeued):
+                message = f"task {task_id} was delivered to a worker that is gone before it reported the task; requeued"
+                session.add(SystemLogRow(timestamp=utcnow(), level="WARNING", component="reaper",
+                                         message=message, task_id=task_id))  # fmt: skip
+                log.warning("reaper: %s", message)
+        return len(requeued)
 
     def fail_unsent(self) -> int:
         """Fail pending rows whose message the broker no longer holds and no worker ran (the API

@@ -38,6 +38,25 @@ def test_a_worker_killed_mid_task_loses_nothing(system: System, openai_fake: Fak
     assert {r["task_id"] for r in requeued} & set(ids), "the reaper requeued none of the killed tasks"
 
 
+def test_a_worker_killed_before_its_task_events_left_loses_nothing(system: System, ollama_fake: FakeLLMServer) -> None:
+    # Task events leave the worker in batches every 0.1 s: killed within that window, the worker
+    # takes the task's received/started events with it and the row never leaves `pending`.
+    wait_idle(system)
+    ollama_fake.hang_next(1)  # the first call never answers: the task is mid-call when the worker dies
+    task_id = system.delegate(prompt="killed before its events left", options={"timeout": 60})[1]["task_id"]
+    deadline = time.monotonic() + 20
+    while not any("killed before its events left" in str(body) for _, _, body in ollama_fake.chat_requests()):
+        assert time.monotonic() < deadline, "the call never reached the backend"
+        time.sleep(0.002)
+    worker = system.child("worker")
+    assert worker is not None
+    os.kill(worker, signal.SIGKILL)
+    final = system.wait_final(task_id, timeout=60)
+    assert final["status"] == "completed", final
+    logged = system.sql("SELECT message FROM system_logs WHERE component = 'reaper' AND task_id = ?", task_id)
+    assert logged and "requeued" in logged[0]["message"], logged
+
+
 def test_broker_killed_and_restarted_mid_load_loses_no_accepted_task(
     tmp_path: Path, ollama_fake: FakeLLMServer
 ) -> None:

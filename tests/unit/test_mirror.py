@@ -291,6 +291,54 @@ def test_a_lost_task_no_broker_holds_fails_and_one_still_queued_goes_back_to_pen
     assert row(sessions, "waiting").status == "pending"
 
 
+def orphan_sweeper(sessions, store, delivered: dict[str, float], held: set[str] | None, requeued: list[str],
+                   freed: list[str], asked: list[list[str]]) -> Mirror:  # fmt: skip
+    def held_by(_app: object, workers: list[str], ids: set[str]) -> set[str] | None:
+        asked.append(sorted(workers))
+        return None if held is None else held & ids
+
+    return Mirror(
+        SimpleNamespace(backend=store), sessions,  # type: ignore[arg-type]
+        delivered=lambda _app: delivered, held_by_workers=held_by,
+        requeue=lambda _app, ids: (requeued.extend(sorted(ids)), set(ids))[1],
+        free_slots=lambda _app, ids: freed.extend(sorted(ids)),
+    )  # fmt: skip
+
+
+def test_a_pending_task_delivered_to_a_worker_that_is_gone_is_requeued(sessions, store) -> None:
+    # The worker was killed before its batched task events left: the rows never left `pending`.
+    now = time.time()
+    delivered = {"orphan": now - 60, "reserved": now - 60, "fresh": now - 1, "done": now - 60, "running": now - 60}
+    for task_id in delivered:
+        add_pending(sessions, task_id)
+    succeeded(store, "done", "finished")
+    requeued: list[str] = []
+    freed: list[str] = []
+    asked: list[list[str]] = []
+    mirror = orphan_sweeper(sessions, store, delivered, {"reserved"}, requeued, freed, asked)
+    mirror.apply([event("worker-online", ts=now - 2, pid=2), event("task-started", "running", now - 1)])
+    assert mirror.requeue_orphans() == 1
+    # not "reserved" (a live worker holds it), "fresh" (just delivered), "done" (finished), "running" (reap's)
+    assert requeued == ["orphan"] and freed == ["orphan"] and asked == [[WORKER]]
+    with sessions() as session:
+        logged = [(r.component, r.task_id) for r in session.query(SystemLogRow).all()]
+    assert logged == [("reaper", "orphan")]
+
+
+def test_nothing_is_requeued_while_a_live_worker_has_not_answered(sessions, store) -> None:
+    add_pending(sessions, "t")
+    requeued: list[str] = []
+    mirror = orphan_sweeper(sessions, store, {"t": time.time() - 60}, None, requeued, [], [])
+    assert mirror.requeue_orphans() == 0 and requeued == []
+
+
+def test_no_worker_is_asked_when_no_pending_task_waits_long_on_one(sessions, store) -> None:
+    add_pending(sessions, "fresh")
+    asked: list[list[str]] = []
+    mirror = orphan_sweeper(sessions, store, {"fresh": time.time() - 1, "unknown": time.time() - 60}, set(), [], [], asked)
+    assert mirror.requeue_orphans() == 0 and asked == []
+
+
 def test_a_pending_row_whose_message_the_broker_lost_fails_after_two_looks(sessions, store) -> None:
     held = {"queued", "unacked"}
     mirror = Mirror(SimpleNamespace(backend=store), sessions, held=lambda _app: held, unsent_after=0)  # type: ignore[arg-type]
