@@ -187,6 +187,19 @@ def cpu_seconds(pids: set[int]) -> dict[str, float]:
     return used
 
 
+def pss_mib(pids: set[int]) -> dict[str, float]:
+    """Memory (PSS, MiB) of each named group of processes: pages a forked pool shares with its parent count once."""
+    used: dict[str, float] = {}
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        kib = next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+        used[process_name(pid)] = used.get(process_name(pid), 0.0) + kib / 1024
+    return used
+
+
 def redis_calls(client: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in client.info("commandstats").items()}
 
@@ -317,6 +330,9 @@ def main() -> None:
                                 for group, seconds in cpu_seconds(pids).items():
                                     cpu[name][group] = cpu[name].get(group, 0.0) + seconds - used.get(group, 0.0)
                 fake.set_latency(0)
+            # After the batches, as loaded as they left them; the broker is one server for both sides.
+            memory = pss_mib(descendants(system.process.pid) | {system.process.pid, bare_worker.process.pid}
+                             | descendants(bare_worker.process.pid))  # fmt: skip
             commands: dict[str, dict[str, float]] = {}
             stages: dict[str, list[float]] = {}
             if args.breakdown:
@@ -357,6 +373,13 @@ def main() -> None:
         for group in groups:
             print(row(group, f"{cpu['koubou'].get(group, 0.0) * 1000 / tasks:.2f}", f"{cpu['bare'].get(group, 0.0) * 1000 / tasks:.2f}"))
         print(row("all", f"{sum(cpu['koubou'].values()) * 1000 / tasks:.2f}", f"{sum(cpu['bare'].values()) * 1000 / tasks:.2f}"))
+    print("\nmemory after the throughput batches (PSS, MiB; a pool's pages shared with its parent count once)")
+    bare_groups = {"bare Celery worker"}
+    for group in sorted(memory, key=lambda g: -memory[g]):
+        print(row(group, f"{memory[group]:.0f}"))
+    koubou_total = sum(mib for group, mib in memory.items() if group not in bare_groups)
+    print(row("koubou, all its processes (broker included)", f"{koubou_total:.0f}"))
+    print(row("bare Celery worker, all its processes", f"{sum(memory.get(g, 0.0) for g in bare_groups):.0f}"))
     if commands:
         print("\nRedis commands per sync task (broker and result backend are one server)")
         for side in ("koubou", "bare"):

@@ -166,6 +166,8 @@ def cmd_api(_: argparse.Namespace) -> int:
         "gunicorn",
         "--bind", f"{settings.api_host}:{settings.api_port}",
         "--worker-class", "gthread",
+        # The API's modules are imported once, in the arbiter, and shared with the workers it forks.
+        "--config", "python:koubou.api.gunicorn_hooks",
         "--workers", "2",
         "--threads", str(settings.api_threads),
         "--timeout", "0",
