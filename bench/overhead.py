@@ -10,9 +10,10 @@
 Sync round trips run against the fake Ollama server at ~0 latency. Both sides have the same worker
 pool (prefork, --autoscale=W,W). Starts its own system (`koubou up` on free ports) and bare worker,
 stops both by PID.
-With the throughput it prints the CPU each process spent per task; `--breakdown` adds the Redis
-commands each side sends per task and where a koubou sync round trip spends its time (from Celery's
-own events: received, started, succeeded, and the backend call's timing in the result).
+With the throughput it prints the CPU each process spent per task and each process group's memory
+(PSS) after the batches; `--breakdown` adds the Redis commands each side sends per task and where a
+koubou sync round trip spends its time (from Celery's own events: received, started, succeeded, and
+the backend call's timing in the result).
 Run: .venv/bin/python bench/overhead.py [--n 200] [--tasks 200] [--rounds 3] [--workers 4] [--latencies 0,0.05] [--breakdown]
 """
 
