@@ -176,29 +176,37 @@ def process_name(pid: int) -> str:
     return next((name for word, name in PROCESS_NAMES if word in line), "other")
 
 
-def cpu_seconds(pids: set[int]) -> dict[str, float]:
-    """CPU time (user + system) so far of each named group of processes."""
+def per_group(pids: set[int], measure: Callable[[int], float]) -> dict[str, float]:
+    """`measure` of each process, summed by named group; a process gone meanwhile counts nothing."""
     used: dict[str, float] = {}
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            value = measure(pid)
         except OSError:
             continue
-        used[process_name(pid)] = used.get(process_name(pid), 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
+        name = process_name(pid)
+        used[name] = used.get(name, 0.0) + value
     return used
+
+
+def cpu_seconds(pids: set[int]) -> dict[str, float]:
+    """CPU time (user + system) so far of each named group of processes."""
+
+    def seconds(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    return per_group(pids, seconds)
 
 
 def pss_mib(pids: set[int]) -> dict[str, float]:
     """Memory (PSS, MiB) of each named group of processes: pages a forked pool shares with its parent count once."""
-    used: dict[str, float] = {}
-    for pid in pids:
-        try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except OSError:
-            continue
-        kib = next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
-        used[process_name(pid)] = used.get(process_name(pid), 0.0) + kib / 1024
-    return used
+
+    def mib(pid: int) -> float:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        return next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0) / 1024
+
+    return per_group(pids, mib)
 
 
 def redis_calls(client: redis.Redis) -> dict[str, int]:
@@ -375,12 +383,11 @@ def main() -> None:
             print(row(group, f"{cpu['koubou'].get(group, 0.0) * 1000 / tasks:.2f}", f"{cpu['bare'].get(group, 0.0) * 1000 / tasks:.2f}"))
         print(row("all", f"{sum(cpu['koubou'].values()) * 1000 / tasks:.2f}", f"{sum(cpu['bare'].values()) * 1000 / tasks:.2f}"))
     print("\nmemory after the throughput batches (PSS, MiB; a pool's pages shared with its parent count once)")
-    bare_groups = {"bare Celery worker"}
     for group in sorted(memory, key=lambda g: -memory[g]):
         print(row(group, f"{memory[group]:.0f}"))
-    koubou_total = sum(mib for group, mib in memory.items() if group not in bare_groups)
-    print(row("koubou, all its processes (broker included)", f"{koubou_total:.0f}"))
-    print(row("bare Celery worker, all its processes", f"{sum(memory.get(g, 0.0) for g in bare_groups):.0f}"))
+    bare_mib = memory.get("bare Celery worker", 0.0)
+    print(row("koubou, all its processes (broker included)", f"{sum(memory.values()) - bare_mib:.0f}"))
+    print(row("bare Celery worker, all its processes", f"{bare_mib:.0f}"))
     if commands:
         print("\nRedis commands per sync task (broker and result backend are one server)")
         for side in ("koubou", "bare"):

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import redis
 from celery import Celery
+from kombu.utils.encoding import bytes_to_str
 
 from .constants import PROMOTIONS, QUEUES
 
@@ -47,23 +48,17 @@ def delivered_task_ids(app: Celery) -> dict[str, float]:
     with app.connection_for_write() as connection:
         channel = connection.default_channel
         client = channel.client
-        when = {_text(tag): at for tag, at in client.zrange(channel.unacked_index_key, 0, -1, withscores=True)}
+        when = {bytes_to_str(tag): at for tag, at in client.zrange(channel.unacked_index_key, 0, -1, withscores=True)}
         return {
-            task_id: when.get(_text(tag), 0.0)
+            task_id: when.get(bytes_to_str(tag), 0.0)
             for tag, raw in client.hscan_iter(channel.unacked_key)
             if (task_id := _unacked_task_id(raw))
         }
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def unacked_task_ids(app: Celery) -> set[str]:
     """Ids of the tasks delivered to a worker and not yet acknowledged."""
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        return {task_id for _, raw in channel.client.hscan_iter(channel.unacked_key) if (task_id := _unacked_task_id(raw))}
+    return set(delivered_task_ids(app))
 
 
 def held_task_ids(app: Celery) -> set[str]:

@@ -263,6 +263,10 @@ class Mirror:
         finished = [e["uuid"] for e in events if e.get("type") in ("task-succeeded", "task-failed") and e.get("uuid")]
         return read_views(self.celery, finished) if finished else {}
 
+    def _finished_in_backend(self, task_ids: Iterable[str]) -> set[str]:
+        """Those of these tasks whose final state the result backend holds (reconcile finishes their rows)."""
+        return {task_id for task_id in task_ids if (v := self._backend_view(task_id)) and v.status.is_final}
+
     def _backend_view(self, task_id: str) -> BackendView | None:
         return read_view(self.celery, task_id)
 
@@ -497,8 +501,7 @@ class Mirror:
         if not lost:
             return 0
         ids = {task_id for task_id, _ in lost}
-        finished = {task_id for task_id in ids if (v := self._backend_view(task_id)) and v.status.is_final}
-        ids -= finished  # reconcile finishes those
+        ids -= self._finished_in_backend(ids)  # reconcile finishes those
         self.free_slots(self.celery, ids)  # a dead worker's leases: the slots are free now, not at expiry
         requeued = self.requeue(self.celery, ids) if ids else set()
         waiting = self.queued(self.celery) if ids - requeued else set()
@@ -550,7 +553,7 @@ class Mirror:
         held = self.held_by_workers(self.celery, live, pending)
         if held is None:  # a live worker did not answer: it may hold them; look again next time
             return 0
-        orphans = {t for t in pending - held if not ((v := self._backend_view(t)) and v.status.is_final)}
+        orphans = pending - held - self._finished_in_backend(pending - held)
         if not orphans:
             return 0
         self.free_slots(self.celery, orphans)
